@@ -1,0 +1,153 @@
+"""`SparsityConfig`: every knob of `sparsify`, validated on construction and serializable to JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Optional
+
+METHODS = ("topk", "threshold", "gate", "rsparse")
+TARGETS = ("mlp", "attn", "all")
+MODES = ("per_token", "shared")
+ALLOCATIONS = ("uniform", "greedy", "search")
+BACKENDS = ("auto", "triton", "reference")
+CONFIG_VERSION = 1
+
+# The gate method (CATS) always reads all of gate_proj: over the three MLP
+# linears it can skip at most the up rows and down columns, two thirds of the bytes.
+GATE_MAX_SPARSITY = 2.0 / 3.0
+
+
+def _check_sparsity(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}: sparsity must be a number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(
+            f"{where}: sparsity must lie in [0, 1), got {value}; 0 keeps every channel, "
+            "0.5 skips half of the weight bytes (1.0 would skip the whole layer)"
+        )
+    return float(value)
+
+
+@dataclass
+class SparsityConfig:
+    """What `sparse_infer.sparsify` does to a model.
+
+    Attributes:
+        method: ``"topk"`` (per-token top-k of |x|), ``"threshold"`` (calibrated
+            |x| > t, TEAL), ``"gate"`` (CATS: threshold/top-k on the gated MLP's
+            activation, MLP only), ``"rsparse"`` (R-Sparse: top channels through
+            the weight, the rest through its rank-r SVD factor).
+        sparsity: target model-level sparsity in [0, 1): the fraction of weight
+            bytes per token that the patched linears skip (see
+            ``reference.model_sparsity``).
+        targets: which linears: ``"mlp"`` (gate/up/down), ``"attn"`` (q/k/v/o), ``"all"``.
+        mode: ``"per_token"`` (each token its own mask) or ``"shared"`` (one
+            mask for all tokens of a decode step: the bytes read stay at the
+            budget whatever the batch size).
+        dense_prefill_above: a call with more tokens than this runs dense
+            (decode-only sparsity, as R-Sparse evaluates); ``None`` sparsifies every token.
+        backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"``, ``"reference"``.
+        rank_fraction: rsparse only, the share of each layer's byte budget spent on
+            the low-rank factor when no calibration chose it.
+        importance: rank channels by ``|x_i|·||W[:, i]||`` (R-Sparse) instead of
+            ``|x_i|``; ``None`` means True for rsparse, False otherwise.
+        per_channel: threshold only, one threshold per input channel (CHESS)
+            instead of one per layer (TEAL).
+        overrides: per-layer settings, ``{fnmatch pattern over module names:
+            {"sparsity": float, "rank": int}}``, applied last.
+        allocation: how calibration spreads the model-level budget over layers:
+            ``"uniform"`` (every layer at ``sparsity``), ``"greedy"`` (TEAL: raise
+            sparsity where the calibration error grows least), ``"search"``
+            (R-Sparse: per-layer split between channels and rank, searched).
+            Anything but uniform needs calibration data.
+        seed: seed for anything random (calibration search).
+    """
+
+    method: str = "topk"
+    sparsity: float = 0.5
+    targets: str = "mlp"
+    mode: str = "per_token"
+    dense_prefill_above: Optional[int] = None
+    backend: str = "auto"
+    rank_fraction: float = 0.3
+    importance: Optional[bool] = None
+    per_channel: bool = False
+    overrides: dict = field(default_factory=dict)
+    allocation: str = "uniform"
+    seed: int = 0
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"unknown targets {self.targets!r}; expected one of {TARGETS}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.allocation not in ALLOCATIONS:
+            raise ValueError(f"unknown allocation {self.allocation!r}; expected one of {ALLOCATIONS}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        self.sparsity = _check_sparsity(self.sparsity, "SparsityConfig")
+        if self.method == "gate" and self.targets == "attn":
+            raise ValueError("method 'gate' sparsifies the gated MLP's activation; use targets 'mlp' or 'all'")
+        if self.method == "gate" and self.sparsity >= GATE_MAX_SPARSITY:
+            raise ValueError(
+                f"method 'gate' reads all of gate_proj, so it reaches at most {GATE_MAX_SPARSITY:.1%} "
+                f"sparsity over the MLP; got {self.sparsity}. Use a lower sparsity or method 'rsparse'/'topk'"
+            )
+        if self.dense_prefill_above is not None and (
+            isinstance(self.dense_prefill_above, bool)
+            or not isinstance(self.dense_prefill_above, int)
+            or self.dense_prefill_above < 1
+        ):
+            raise ValueError(f"dense_prefill_above must be None or a positive token count, got {self.dense_prefill_above!r}")
+        if not 0.0 <= self.rank_fraction < 1.0:
+            raise ValueError(f"rank_fraction must lie in [0, 1), got {self.rank_fraction}")
+        if not isinstance(self.overrides, dict):
+            raise TypeError(f"overrides must be a dict {{pattern: {{'sparsity': ..., 'rank': ...}}}}, got {type(self.overrides).__name__}")
+        for pattern, spec in self.overrides.items():
+            if not isinstance(spec, dict):
+                raise TypeError(f"overrides[{pattern!r}] must be a dict, got {spec!r}")
+            unknown = set(spec) - {"sparsity", "rank"}
+            if unknown:
+                raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; allowed: 'sparsity', 'rank'")
+            if "sparsity" in spec:
+                _check_sparsity(spec["sparsity"], f"overrides[{pattern!r}]")
+            if "rank" in spec and (not isinstance(spec["rank"], int) or spec["rank"] < 0):
+                raise ValueError(f"overrides[{pattern!r}]: rank must be a non-negative int, got {spec['rank']!r}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"config version {self.version} is not supported (this sparse-infer reads version {CONFIG_VERSION})")
+
+    @property
+    def use_importance(self) -> bool:
+        return self.method == "rsparse" if self.importance is None else bool(self.importance)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Methods whose thresholds come from data: they raise without calibration."""
+        return self.method == "threshold" or self.allocation != "uniform"
+
+    def replace(self, **changes) -> "SparsityConfig":
+        d = self.to_dict()
+        d.update(changes)
+        return SparsityConfig.from_dict(d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SparsityConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown SparsityConfig fields {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, s: str) -> "SparsityConfig":
+        return cls.from_dict(json.loads(s))

@@ -1,0 +1,93 @@
+"""Evaluation and calibration text: where it comes from, and how it is split so the two never overlap.
+
+Resolution order of the text file: an explicit path; the environment variable
+``SPARSE_INFER_TEXT``; ``../shared/data/wikitext-2-raw-test.txt`` next to the
+project (relative to the source tree, then to the working directory); else the
+``datasets`` library (WikiText-2 raw test, where the hub can be reached).
+
+The token stream is split by position: evaluation reads the first
+``1 - calib_fraction`` of it, calibration the last ``calib_fraction``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+ENV_VAR = "SPARSE_INFER_TEXT"
+SHARED_REL = Path("..") / "shared" / "data" / "wikitext-2-raw-test.txt"
+CALIB_FRACTION = 0.2
+
+
+@dataclass
+class Text:
+    text: str
+    source: str  # path, or "datasets:wikitext/wikitext-2-raw-v1/test"
+    sha256: str
+
+
+def candidate_paths(path: Optional[str] = None) -> List[Path]:
+    if path:
+        return [Path(path)]
+    out = []
+    if os.environ.get(ENV_VAR):
+        out.append(Path(os.environ[ENV_VAR]))
+    project_root = Path(__file__).resolve().parents[1]
+    out += [project_root / SHARED_REL, Path.cwd() / SHARED_REL]
+    return out
+
+
+def load_text(path: Optional[str] = None) -> Text:
+    """The evaluation corpus (read with ``newline=""``: its CRLF endings are part of the tokens)."""
+    tried = candidate_paths(path)
+    for p in tried:
+        if p.is_file():
+            with open(p, encoding="utf-8", newline="") as f:
+                text = f.read()
+            return Text(text, str(p.resolve()), hashlib.sha256(text.encode("utf-8")).hexdigest())
+        if path:
+            raise FileNotFoundError(f"text file {p} does not exist")
+    try:
+        import datasets  # noqa: F401
+
+        ds = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")
+        text = "\r\n".join(r for r in ds["text"] if r.strip())
+        return Text(text, "datasets:wikitext/wikitext-2-raw-v1/test", hashlib.sha256(text.encode("utf-8")).hexdigest())
+    except Exception as e:  # no datasets package, or no hub
+        raise FileNotFoundError(
+            "no evaluation text found. Give one with --text-file PATH (Python: text_file=...), or set "
+            f"{ENV_VAR}=PATH, or place WikiText-2 raw test at {tried[-1]}; tried: "
+            + ", ".join(str(p) for p in tried)
+            + f"; the datasets library fallback failed too ({type(e).__name__})"
+        ) from None
+
+
+def tokenize(text: str, tokenizer) -> torch.Tensor:
+    """The whole text as one 1-D stream of token ids (no special tokens)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_tokens(ids: torch.Tensor, calib_fraction: float = CALIB_FRACTION):
+    """(evaluation ids, calibration ids, split point): calibration takes the tail, so they never overlap."""
+    if not 0.0 < calib_fraction < 1.0:
+        raise ValueError(f"calib_fraction must lie in (0, 1), got {calib_fraction}")
+    cut = int(len(ids) * (1.0 - calib_fraction))
+    return ids[:cut], ids[cut:], cut
+
+
+def windows(ids: torch.Tensor, window: int, count: Optional[int] = None) -> List[torch.Tensor]:
+    """Non-overlapping windows of ``window`` tokens from the start of ``ids`` (at most ``count``)."""
+    if window < 2:
+        raise ValueError(f"window must be at least 2 tokens, got {window}")
+    n = len(ids) // window
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, too short for one window of {window}; use a longer text or a smaller --window")
+    if count is not None:
+        n = min(n, count)
+    return [ids[i * window:(i + 1) * window] for i in range(n)]

@@ -1,0 +1,346 @@
+"""Drop-in replacements for `nn.Linear` and gated MLPs.
+
+Each module keeps the very Parameter objects of the module it replaces
+(``weight``, ``bias``, or the three projections of an MLP), so ``in_features``,
+``out_features`` and the ``state_dict`` keys are unchanged: a patched model's
+state dict loads into the dense model and back.  Thresholds, importance scales
+and low-rank factors are *non-persistent* buffers (saved by
+``sparse_infer.save_sparsity`` instead), and ``to_linear()`` / ``to_mlp()``
+hand back the original module object.
+
+On CUDA the weight is stored column-major once (same values, same Parameter):
+the kernels then read each active input channel's weights as one contiguous
+row, at no extra memory.  ``to_linear()`` restores the row-major layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import ops
+from . import reference as ref
+
+__all__ = ["SparseLinear", "RSparseLinear", "SparseGatedMLP", "activation_name"]
+
+
+def _num_tokens(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+
+
+def _to_kernel_layout(param: torch.Tensor) -> None:
+    """Store a CUDA weight column-major, in place (same Parameter, same values)."""
+    if param.is_cuda and param.stride(0) != 1:
+        param.data = param.data.t().contiguous().t()
+
+
+def _to_row_major(param: torch.Tensor) -> None:
+    if not param.is_contiguous():
+        param.data = param.data.contiguous()
+
+
+class _GatedBase(nn.Module):
+    """Gating state shared by the sparse modules: top-k or threshold, per token or shared."""
+
+    def _init_gate(
+        self,
+        width: int,
+        *,
+        k: Optional[int],
+        threshold,
+        scale: Optional[torch.Tensor],
+        shared: bool,
+        backend: str,
+        dense_prefill_above: Optional[int],
+        device,
+    ):
+        if (k is None) == (threshold is None):
+            raise ValueError("give exactly one of k (top-k) or threshold")
+        if k is not None and not 0 <= int(k) <= width:
+            raise ValueError(f"k={k} is outside [0, {width}] for a layer with {width} input channels")
+        if backend not in ops.BACKENDS:
+            raise ValueError(f"backend={backend!r} is not one of {ops.BACKENDS}")
+        self.width = width
+        self.k = None if k is None else int(k)
+        t = None if threshold is None else torch.as_tensor(threshold, dtype=torch.float32, device=device)
+        if t is not None and t.dim() == 1 and t.numel() != width:
+            raise ValueError(f"a per-channel threshold needs {width} values, got {t.numel()}")
+        if scale is not None and scale.numel() != width:
+            raise ValueError(f"scale needs {width} values, got {scale.numel()}")
+        self.register_buffer("threshold", t, persistent=False)
+        self.register_buffer("scale", None if scale is None else scale.detach().float().to(device), persistent=False)
+        self.shared = bool(shared)
+        self.backend = backend
+        self.dense_prefill_above = dense_prefill_above
+        # Sparsity actually measured (reference path, while `record_stats` is set).
+        self.record_stats = False
+        self.reset_stats()
+        # Density the planner aimed at (thresholds: the calibrated target); k/width when top-k.
+        self.target_density: Optional[float] = None
+
+    def gate(self) -> ops.Gate:
+        return ops.Gate(k=self.k, threshold=self.threshold, scale=self.scale, shared=self.shared)
+
+    def reset_stats(self):
+        self.stats_tokens = 0
+        self.stats_active = 0.0
+
+    @property
+    def measured_density(self) -> Optional[float]:
+        """Mean fraction of active channels per token since the last `reset_stats`."""
+        return self.stats_active / (self.stats_tokens * self.width) if self.stats_tokens else None
+
+    @property
+    def nominal_density(self) -> float:
+        """Active-channel density by design: k/width for top-k, the calibrated target for thresholds."""
+        if self.k is not None:
+            return self.k / self.width
+        if self.target_density is not None:
+            return self.target_density
+        d = self.measured_density
+        return 1.0 if d is None else d
+
+    def _runs_dense(self, x: torch.Tensor) -> bool:
+        return self.dense_prefill_above is not None and _num_tokens(x) > self.dense_prefill_above
+
+    def _record(self, mask: torch.Tensor, tokens: int, dense: bool = False):
+        if not self.record_stats:
+            return
+        self.stats_tokens += tokens
+        if dense:
+            self.stats_active += tokens * self.width
+        elif self.shared:  # one mask row per decode step, shared by its tokens
+            rows = mask.numel() // self.width
+            self.stats_active += float(mask.sum()) * tokens / rows
+        else:
+            self.stats_active += float(mask.sum())
+
+    def _gate_repr(self) -> str:
+        g = f"k={self.k}" if self.k is not None else f"threshold={'per-channel' if self.threshold.dim() else float(self.threshold):}"
+        extra = ", shared" if self.shared else ""
+        extra += ", importance" if self.scale is not None else ""
+        return f"{g}{extra}, backend={self.backend}"
+
+
+class SparseLinear(_GatedBase):
+    """`nn.Linear` whose input is gated per token (top-k or threshold); skips inactive weight columns."""
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        *,
+        k: Optional[int] = None,
+        threshold=None,
+        importance: bool = False,
+        shared: bool = False,
+        backend: str = "auto",
+        dense_prefill_above: Optional[int] = None,
+    ):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{type(self).__name__} replaces nn.Linear, got {type(linear).__name__}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight  # the same Parameter objects, not copies
+        self.bias = linear.bias
+        scale = ref.column_norms(linear.weight) if importance else None
+        self._init_gate(
+            self.in_features, k=k, threshold=threshold, scale=scale, shared=shared,
+            backend=backend, dense_prefill_above=dense_prefill_above, device=linear.weight.device,
+        )
+        object.__setattr__(self, "_original", linear)  # hidden from state_dict and children()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kw) -> "SparseLinear":
+        return cls(linear, **kw)
+
+    def to_linear(self) -> nn.Linear:
+        """The original `nn.Linear` (the same object), with its weight back in row-major layout."""
+        _to_row_major(self.weight)
+        return self._original
+
+    @property
+    def rank(self) -> int:
+        return 0
+
+    def read_elements(self, density: Optional[float] = None) -> float:
+        """Weight elements read per token at a given active-channel density (default: the nominal one)."""
+        if density is None:
+            density = self.nominal_density
+        return ref.linear_read_elements(self.in_features, self.out_features, density * self.in_features, self.rank)
+
+
+    def _sparse_forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return ref.sparse_linear(x, self.weight, self.bias, mask)
+
+    def _kernel_forward(self, x: torch.Tensor, gate: ops.Gate) -> torch.Tensor:
+        return ops.sparse_linear(x, self.weight, self.bias, gate, backend="triton")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = _num_tokens(x)
+        if self._runs_dense(x):
+            self._record(None, tokens, dense=True)
+            return F.linear(x, self.weight, self.bias)
+        gate = self.gate()
+        if ops.resolve_backend(self.backend, x) == "triton" and not ops.shared_prefill(x, gate):
+            _to_kernel_layout(self.weight)
+            return self._kernel_forward(x, gate)
+        mask = gate.mask(x)
+        self._record(mask, tokens)
+        return self._sparse_forward(x, mask)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {self._gate_repr()}"
+
+
+class RSparseLinear(SparseLinear):
+    """Rank-aware sparse linear (R-Sparse): active channels through W, the rest through a rank-r factor of W.
+
+    ``y = W[:, S] x[S] + b + B^T (A^T x[~S])`` with ``A`` (in, r), ``B`` (r, out)
+    from the SVD of the same weight (`reference.lowrank_factors`).
+    """
+
+    def __init__(self, linear: nn.Linear, *, rank: int, A: Optional[torch.Tensor] = None, B: Optional[torch.Tensor] = None, **kw):
+        kw.setdefault("importance", True)
+        super().__init__(linear, **kw)
+        limit = min(self.in_features, self.out_features)
+        if not isinstance(rank, int) or not 0 <= rank <= limit:
+            raise ValueError(
+                f"rank={rank} is outside [0, min(in, out)={limit}] for a {self.out_features}x{self.in_features} layer"
+            )
+        if A is None or B is None:
+            A, B = ref.lowrank_factors(linear.weight, rank)
+        if tuple(A.shape) != (self.in_features, rank) or tuple(B.shape) != (rank, self.out_features):
+            raise ValueError(
+                f"low-rank factors must be A ({self.in_features}, {rank}) and B ({rank}, {self.out_features}); "
+                f"got {tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        dev, dt = linear.weight.device, linear.weight.dtype
+        self.register_buffer("A", A.detach().to(dev, dt).contiguous(), persistent=False)
+        self.register_buffer("B", B.detach().to(dev, dt).contiguous(), persistent=False)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[1]
+
+    def _sparse_forward(self, x, mask):
+        return ref.rsparse_linear(x, self.weight, self.bias, mask, self.A, self.B)
+
+    def _kernel_forward(self, x, gate):
+        return ops.rsparse_linear(x, self.weight, self.bias, self.A, self.B, gate, backend="triton")
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", rank={self.rank}"
+
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": lambda t: F.gelu(t),
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+}
+
+
+def activation_name(act) -> Optional[str]:
+    """Name an activation module by what it computes ("silu", "gelu", "gelu_tanh"), or None.
+
+    Gemma uses tanh-GELU, Llama SiLU: the activation is probed, never assumed.
+    """
+    probe = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    try:
+        got = act(probe)
+    except Exception:  # pragma: no cover - an activation that refuses float64
+        return None
+    for name, fn in _ACTIVATIONS.items():
+        if torch.allclose(got, fn(probe), atol=1e-6, rtol=0):
+            return name
+    return None
+
+
+class SparseGatedMLP(_GatedBase):
+    """Gated MLP (`down(act(gate(x)) * up(x))`) with CATS gate-activation sparsity.
+
+    The mask is on ``|act(gate(x))|`` over the intermediate channels (top-k or
+    threshold); only the active rows of ``up_proj`` and columns of
+    ``down_proj`` are needed.  Holds the original projections as children, so
+    the state dict keys are those of the MLP it replaces.
+    """
+
+    def __init__(
+        self,
+        mlp: nn.Module,
+        *,
+        k: Optional[int] = None,
+        threshold=None,
+        shared: bool = False,
+        backend: str = "auto",
+        dense_prefill_above: Optional[int] = None,
+        names=("gate_proj", "up_proj", "down_proj"),
+    ):
+        super().__init__()
+        g, u, d = (getattr(mlp, n, None) for n in names)
+        if not all(isinstance(m, nn.Linear) for m in (g, u, d)) or not hasattr(mlp, "act_fn"):
+            raise TypeError(f"{type(mlp).__name__} is not a gated MLP with {names} linears and act_fn")
+        self.gate_proj, self.up_proj, self.down_proj = g, u, d
+        self.act_fn = mlp.act_fn
+        self.act_name = activation_name(mlp.act_fn)
+        self.hidden_size = g.in_features
+        self.intermediate_size = g.out_features
+        self._init_gate(
+            self.intermediate_size, k=k, threshold=threshold, scale=None, shared=shared,
+            backend=backend, dense_prefill_above=dense_prefill_above, device=g.weight.device,
+        )
+        object.__setattr__(self, "_original", mlp)
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module, **kw) -> "SparseGatedMLP":
+        return cls(mlp, **kw)
+
+    def to_mlp(self) -> nn.Module:
+        """The original MLP module (the same object), weights back in row-major layout."""
+        _to_row_major(self.down_proj.weight)
+        return self._original
+
+    def read_elements(self, density: Optional[float] = None) -> float:
+        """Elements read per token: all of gate_proj, the active rows of up_proj and columns of down_proj."""
+        if density is None:
+            density = self.nominal_density
+        h, i = self.hidden_size, self.intermediate_size
+        return h * i + 2 * density * i * h
+
+    def dense_elements(self) -> float:
+        return 3.0 * self.hidden_size * self.intermediate_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = _num_tokens(x)
+        if self._runs_dense(x):
+            self._record(None, tokens, dense=True)
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate()
+        if ops.resolve_backend(self.backend, x) == "triton" and self.act_name is not None and not ops.shared_prefill(x, gate):
+            _to_kernel_layout(self.down_proj.weight)
+            return ops.gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, self.act_name, gate, "triton")
+        recorded = {}
+
+        def mask_fn(h):
+            m = gate.mask(h)
+            recorded["mask"] = m
+            return m
+
+        out = ref.gated_mlp(
+            x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.act_fn, mask_fn,
+            self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias,
+        )
+        self._record(recorded["mask"], tokens)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, act={self.act_name}, {self._gate_repr()}"
+
+
+def k_for_density(width: int, density: float) -> int:
+    """Active channels for a density, rounded to the nearest channel and kept in [0, width]."""
+    return int(min(width, max(0, math.floor(density * width + 0.5))))

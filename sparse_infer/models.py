@@ -84,6 +84,10 @@ def load_model(model: Optional[str] = None, *, dtype="float32", device: str = "c
     except ImportError as e:  # pragma: no cover
         raise ImportError("loading HuggingFace models needs the hf extra: pip install 'sparse-infer[hf]'") from e
     dtype = parse_dtype(dtype)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     if model in (None, DEFAULT_MODEL):
         path, gguf_file = smollm2_gguf()
     elif str(model).endswith(".gguf") and os.path.isfile(model):

@@ -19,6 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from tqdm.auto import tqdm
 
 from . import reference as ref
 from .config import SparsityConfig
@@ -273,7 +274,11 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, calibrat
     calibration = _resolve_calibration(model, config, calibration, progress)
     plans = plan_layers(model, config, calibration, family)
     targets = {name: (parent, attr, module) for name, parent, attr, module, _ in _targets(model, family, config)}
-    built = [(targets[p.name], _build(p, targets[p.name][2], config, family)) for p in plans]  # may raise: nothing replaced yet
+    # building may raise (and computes SVD factors for rsparse): nothing is replaced until all are built
+    built = [
+        (targets[p.name], _build(p, targets[p.name][2], config, family))
+        for p in tqdm(plans, desc=f"sparsify ({config.method})", disable=not progress or config.method != "rsparse", leave=False)
+    ]
     for (parent, attr, _module), new in built:
         setattr(parent, attr, new)
     if getattr(model, "config", None) is not None:

@@ -1,0 +1,495 @@
+"""Benchmark the sparse-infer kernels against F.linear on the GPU.
+
+    python bench/bench_kernels.py [--quick] [--out DIR] [--graph] [--sweep] [--fallback]
+
+Per row: median time (triton.testing.do_bench), speedup over F.linear measured
+in the same run, achieved GB/s over the bytes actually needed (active weight
+rows + low-rank factors + x + y), and that as % of the device-to-device copy
+bandwidth measured in the same run (bytes read + written).  Several copies of
+each weight are rotated (and do_bench flushes L2 before each call) so the 50 MB
+L2 does not serve the reads.  Writes ``kernels.md`` and ``kernels.csv`` (GPU
+name, torch/triton versions, timestamp) under ``--out`` (default results/).
+
+``build_cases`` / ``write_results`` / ``parse_args`` need no GPU (tested on the CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import itertools
+import math
+import os
+import platform
+import sys
+from typing import Optional
+
+import torch
+
+# name -> (hidden, intermediate, kv_dim)
+MODELS = {
+    "llama-2-7b": (4096, 11008, 4096),
+    "llama-3-8b": (4096, 14336, 1024),
+    "llama-2-13b": (5120, 13824, 5120),
+    "llama-3-70b": (8192, 28672, 1024),
+    "qwen2.5-7b": (3584, 18944, 512),
+}
+KERNELS = ("input-sparse", "rank-aware", "shared", "input-sparse-topk")
+DEFAULT_KERNELS = ("input-sparse", "rank-aware", "shared")
+SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
+TOKENS = (1, 4, 16)
+DTYPES = ("bf16", "fp16")
+CSV_FIELDS = [
+    "model", "proj", "in_features", "out_features", "M", "dtype", "kernel", "sparsity", "active", "rank",
+    "dense_us", "kernel_us", "speedup", "bytes", "gbps", "pct_copy_bw", "graph_dense_us", "graph_kernel_us",
+    "gpu", "torch", "triton", "timestamp",
+]
+
+
+def projections(model: str):
+    """(proj name, in, out) of one decoder layer; gate/up share a shape, so do q/o and k/v."""
+    h, i, kv = MODELS[model]
+    return [("mlp_gate_up", h, i), ("mlp_down", i, h), ("attn_q_o", h, h), ("attn_k_v", h, kv)]
+
+
+def rank_for(sparsity: float, in_f: int, out_f: int) -> tuple[float, int]:
+    """Rank-aware split of a byte budget of (1 - sparsity) of the dense weight.
+
+    80 % of the budget goes to active rows of W, 20 % to the rank-r factors:
+    ``active*out*in + r*(in+out) = (1-sparsity)*in*out``.  Returns (active fraction, r).
+    """
+    budget = 1.0 - sparsity
+    r = 0.2 * budget * in_f * out_f / (in_f + out_f)
+    r = int(round(r / 16.0)) * 16 if r >= 16 else int(math.ceil(r))
+    active = budget - r * (in_f + out_f) / (in_f * out_f)
+    return max(0.0, active), r
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="Llama-3-8B MLP shapes only")
+    p.add_argument("--out", default="results", help="output folder for kernels.md / kernels.csv")
+    p.add_argument("--models", nargs="*", default=None, choices=sorted(MODELS))
+    p.add_argument("--tokens", nargs="*", type=int, default=None)
+    p.add_argument("--sparsities", nargs="*", type=float, default=None)
+    p.add_argument("--dtypes", nargs="*", default=None, choices=DTYPES)
+    p.add_argument("--kernels", nargs="*", default=None, choices=KERNELS)
+    p.add_argument("--projs", nargs="*", default=None)
+    p.add_argument("--graph", action="store_true", help="also time CUDA-graph replays (do_bench_cudagraph)")
+    p.add_argument("--sweep", action="store_true", help="sweep launch configs for the M=1/16 buckets instead")
+    p.add_argument("--fallback", action="store_true", help="measure the dense-fallback token cutoff instead")
+    p.add_argument("--fallback-tokens", nargs="*", type=int, default=None)
+    p.add_argument("--final", action="store_true", help="target rows + path variants (Llama-3-8B MLP, bf16)")
+    p.add_argument("--rep", type=int, default=100, help="do_bench rep (ms)")
+    return p.parse_args(argv)
+
+
+def build_cases(args) -> list[dict]:
+    """The benchmark grid as a list of dicts (no GPU needed)."""
+    if args.quick:
+        models = args.models or ["llama-3-8b"]
+        projs = args.projs or ["mlp_gate_up", "mlp_down"]
+    else:
+        models = args.models or list(MODELS)
+        projs = args.projs
+    tokens = args.tokens or list(TOKENS)
+    sparsities = args.sparsities if args.sparsities is not None else list(SPARSITIES)
+    dtypes = args.dtypes or list(DTYPES)
+    kernels = args.kernels or list(DEFAULT_KERNELS)
+    cases = []
+    for model in models:
+        for proj, in_f, out_f in projections(model):
+            if projs and proj not in projs:
+                continue
+            for dtype in dtypes:
+                for M in tokens:
+                    for kernel in kernels:
+                        for s in sparsities:
+                            active, rank = (1.0 - s, 0)
+                            if kernel == "rank-aware":
+                                active, rank = rank_for(s, in_f, out_f)
+                            cases.append(dict(model=model, proj=proj, in_features=in_f, out_features=out_f, M=M,
+                                              dtype=dtype, kernel=kernel, sparsity=s, active=round(active, 4),
+                                              rank=rank))
+    return cases
+
+
+def _fmt(v, nd=1):
+    if v is None or v == "":
+        return ""
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
+    """Write ``kernels.csv`` (all fields) and ``kernels.md`` (a table) under ``out_dir``; returns the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "kernels.csv")
+    md_path = os.path.join(out_dir, "kernels.md")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
+    meta = rows[0] if rows else {}
+    lines = [
+        "# sparse-infer kernel benchmark", "",
+        f"GPU: {meta.get('gpu', '?')} | torch {meta.get('torch', '?')} | triton {meta.get('triton', '?')} | "
+        f"{meta.get('timestamp', '?')} | copy bandwidth {_fmt(meta.get('copy_gbps'), 0)} GB/s", "",
+        "Eager: triton.testing.do_bench median (L2 flushed, includes Python launch overhead when it exceeds the "
+        "flush); graph: do_bench_cudagraph median (weights rotated).  GB/s and % copy BW from the eager time.", "",
+        "| model | proj | in→out | M | dtype | kernel | sparsity | rank | dense µs | kernel µs | speedup | GB/s "
+        "| % copy BW | graph dense µs | graph kernel µs | graph speedup |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['proj']} | {r['in_features']}→{r['out_features']} | {r['M']} | {r['dtype']} | "
+            f"{r['kernel']} | {_fmt(r['sparsity'], 2)} | {r.get('rank', 0)} | {_fmt(r.get('dense_us'))} | "
+            f"{_fmt(r.get('kernel_us'))} | {_fmt(r.get('speedup'), 2)} | {_fmt(r.get('gbps'), 0)} | "
+            f"{_fmt(r.get('pct_copy_bw'), 0)} | {_fmt(r.get('graph_dense_us'))} | {_fmt(r.get('graph_kernel_us'))} | "
+            f"{_fmt(r['graph_dense_us'] / r['graph_kernel_us'], 2) if r.get('graph_kernel_us') else ''} |")
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+# --------------------------------------------------------------------------- GPU part
+_DEV = "cuda"  # the CPU dry run of the benchmark logic (tests) swaps this
+_DT = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def copy_bandwidth_gbps() -> float:
+    import triton.testing as tt
+    n = 1 << 29  # 1 GiB of bytes
+    a = torch.empty(n, dtype=torch.uint8, device=_DEV)
+    b = torch.empty_like(a)
+    ms = tt.do_bench(lambda: b.copy_(a), warmup=25, rep=200, return_mode="median")
+    del a, b
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def _make_inputs(case, gen):
+    """x (M, in), a list of weight copies (kernel layout), gate, and factors."""
+    from sparse_infer.kernels import to_kernel_layout
+    from sparse_infer.ops import Gate
+    from sparse_infer import reference as ref
+
+    dt = _DT[case["dtype"]]
+    M, in_f, out_f = case["M"], case["in_features"], case["out_features"]
+    x = torch.randn(M, in_f, device=_DEV, generator=gen).to(dt)
+    wbytes = in_f * out_f * x.element_size()
+    # enough copies that the bytes actually read per rotation exceed 4x the 50 MB L2
+    read = max(wbytes * (1.0 - min(case["sparsity"], 0.95)), 1.0)
+    copies = max(2, min(16, math.ceil(200e6 / read)))
+    ws = [to_kernel_layout((torch.randn(out_f, in_f, device=_DEV, generator=gen) * in_f ** -0.5).to(dt))
+          for _ in range(copies)]
+    ws_dense = [w.contiguous() for w in ws]  # row-major: F.linear's layout
+    sparsity = 1.0 - case["active"] if case["kernel"] == "rank-aware" else case["sparsity"]
+    absx = x.float().abs()
+    if case["kernel"] == "shared":
+        agg = absx.mean(0)
+        t = torch.quantile(agg, sparsity) if sparsity > 0 else torch.tensor(-1.0, device=_DEV)
+        gate = Gate(threshold=t.reshape(()).float(), shared=True)
+    elif case["kernel"] == "input-sparse-topk":
+        gate = Gate(k=int(round((1 - sparsity) * in_f)))
+    else:
+        # per-token threshold: a per-channel vector would also do; a scalar at the global quantile
+        t = torch.quantile(absx.flatten()[:1 << 20], sparsity) if sparsity > 0 else torch.tensor(-1.0, device=_DEV)
+        gate = Gate(threshold=t.reshape(()).float())
+    A = B = None
+    if case["rank"]:
+        A = (torch.randn(in_f, case["rank"], device=_DEV, generator=gen) * in_f ** -0.5).to(dt)
+        B = (torch.randn(case["rank"], out_f, device=_DEV, generator=gen) * case["rank"] ** -0.5).to(dt)
+    mask = gate.mask(x)
+    return x, ws, ws_dense, gate, A, B, mask
+
+
+def _needed_bytes(case, x, mask, elt):
+    M, in_f, out_f, r = case["M"], case["in_features"], case["out_features"], case["rank"]
+    m2 = mask.reshape(-1, in_f)
+    union = m2.any(0)
+    active_rows = int(union.sum())
+    b = active_rows * out_f * elt + M * in_f * elt + M * out_f * elt
+    if r:
+        inactive_rows = int((~m2).any(0).sum())
+        b += inactive_rows * r * elt + r * out_f * elt
+    return b
+
+
+def run_case(case, copy_gbps, meta, graph=False, rep=100, check=True):
+    import triton.testing as tt
+    import torch.nn.functional as F
+    from sparse_infer import kernels as K
+    from sparse_infer import reference as ref
+
+    gen = torch.Generator(device=_DEV).manual_seed(hash((case["in_features"], case["M"], case["sparsity"])) % 2**31)
+    x, ws, ws_dense, gate, A, B, mask = _make_inputs(case, gen)
+    it = itertools.cycle(range(len(ws)))
+    itd = itertools.cycle(range(len(ws)))
+    if case["kernel"] == "rank-aware":
+        fn = lambda: K.rsparse_linear(x, ws[next(it)], None, A, B, gate)
+        y = K.rsparse_linear(x, ws[0], None, A, B, gate)
+        yr = ref.rsparse_linear(x.float(), ws[0].float(), None, mask, A.float(), B.float())
+    else:
+        fn = lambda: K.sparse_linear(x, ws[next(it)], None, gate)
+        y = K.sparse_linear(x, ws[0], None, gate)
+        yr = ref.sparse_linear(x.float(), ws[0].float(), None, mask)
+    err = ((y.float() - yr).norm() / yr.norm().clamp_min(1e-30)).item()
+    dfn = lambda: F.linear(x, ws_dense[next(itd)])
+    dense_ms = tt.do_bench(dfn, warmup=25, rep=rep, return_mode="median")
+    k_ms = tt.do_bench(fn, warmup=25, rep=rep, return_mode="median")
+    row = dict(case)
+    nbytes = _needed_bytes(case, x, mask, x.element_size())
+    row.update(meta)
+    row.update(dense_us=dense_ms * 1e3, kernel_us=k_ms * 1e3, speedup=dense_ms / k_ms, bytes=nbytes,
+               gbps=nbytes / (k_ms * 1e-3) / 1e9, rel_err=err)
+    row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
+    if graph:
+        row["graph_dense_us"] = tt.do_bench_cudagraph(dfn, rep=rep, return_mode="median") * 1e3
+        row["graph_kernel_us"] = tt.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+    if check and not err < 2e-2:
+        print(f"WARNING: rel err {err:.3g} for {case}", file=sys.stderr)
+    del ws, ws_dense
+    return row
+
+
+def _meta():
+    import triton
+    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                timestamp=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+
+
+def _graph_us(fn, rep=30):
+    import triton.testing as tt
+    return tt.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
+
+
+def sweep(args, copy_gbps, meta):
+    """Try launch configs on the Llama-3-8B MLP shapes (M=1 and 16), CUDA-graph timing; prints µs per config."""
+    import torch.nn.functional as F
+    from sparse_infer import kernels as K
+    from sparse_infer.kernels import _autotune as at
+    variants = {
+        # (BLOCK_N, BLOCK_K, programs_per_sm, num_warps, num_stages[, compact])
+        1: [(128, 64, 8, 1, 1), (128, 64, 8, 1, 1, True), (128, 32, 8, 1, 1, True), (128, 64, 16, 1, 1, True),
+            (256, 64, 8, 2, 1, True), (128, 64, 4, 1, 1, True), (256, 64, 8, 2, 1), (128, 128, 4, 2, 1)],
+        16: [(128, 64, 4, 4, 2), (128, 64, 4, 4, 2, True), (128, 32, 8, 4, 2, True), (256, 64, 4, 4, 2, True),
+             (128, 64, 8, 4, 3)],
+    }
+    out = []
+    for bucket, vs in variants.items():
+        for in_f, out_f in [(4096, 14336), (14336, 4096)]:
+            kcases = ([("input-sparse", 0.5), ("input-sparse", 0.9), ("rank-aware", 0.5)] if bucket == 1
+                      else [("input-sparse", 0.5), ("shared", 0.5)])
+            prepared = []
+            for kernel, sp in kcases:
+                active, rank = (1 - sp, 0) if kernel != "rank-aware" else rank_for(sp, in_f, out_f)
+                case = dict(model="llama-3-8b", proj="", in_features=in_f, out_features=out_f, M=bucket,
+                            dtype="bf16", kernel=kernel, sparsity=sp, active=active, rank=rank)
+                gen = torch.Generator(device=_DEV).manual_seed(0)
+                x, ws, ws_dense, gate, A, B, mask = _make_inputs(case, gen)
+                nbytes = _needed_bytes(case, x, mask, 2)
+                it = itertools.cycle(range(len(ws)))
+                if kernel == "rank-aware":
+                    fn = (lambda x=x, ws=ws, it=it, A=A, B=B, gate=gate:
+                          K.rsparse_linear(x, ws[next(it)], None, A, B, gate))
+                else:
+                    fn = lambda x=x, ws=ws, it=it, gate=gate: K.sparse_linear(x, ws[next(it)], None, gate)
+                itd = itertools.cycle(range(len(ws_dense)))
+                dense = _graph_us(lambda: F.linear(x, ws_dense[next(itd)]))
+                prepared.append((kernel, sp, fn, dense, nbytes))
+            for v in vs:
+                at.set_override(bucket, **dict(zip(["BLOCK_N", "BLOCK_K", "programs_per_sm", "num_warps",
+                                                    "num_stages", "compact"], v)))
+                for kernel, sp, fn, dense, nbytes in prepared:
+                    fn()
+                    us = _graph_us(fn)
+                    out.append((bucket, v, in_f, out_f, kernel, sp, us, dense))
+                    print(f"SWEEP M={bucket} cfg={v} {in_f}->{out_f} {kernel:12s} s={sp}: {us:6.1f} us "
+                          f"(dense {dense:5.1f}) x{dense / us:.2f} {nbytes / us / 1e3:.0f} GB/s", flush=True)
+            del prepared
+            torch.cuda.empty_cache()
+        at.set_override(bucket)
+    return out
+
+
+def final(args, copy_gbps, meta):
+    """Target rows (Llama-3-8B MLP, bf16): eager do_bench + CUDA-graph times, path variants for
+    M=4/16, M=1 config alternatives, and the dense-fallback comparison.  Returns table rows."""
+    import triton.testing as tt
+    import torch.nn.functional as F
+    from sparse_infer import kernels as K
+    from sparse_infer import reference as ref
+    from sparse_infer.kernels import _autotune as at
+    rows = []
+    plan = [(1, "input-sparse", 0.5), (1, "input-sparse", 0.9), (1, "input-sparse", 1.0), (1, "rank-aware", 0.5),
+            (1, "input-sparse-topk", 0.5), (4, "shared", 0.5), (4, "input-sparse", 0.5), (16, "shared", 0.5),
+            (16, "input-sparse", 0.5)]
+    variants = {
+        1: [None, dict(compact=True), dict(compact=True, BLOCK_K=32)],
+        8: [None, dict(use_dot=True, pregate=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, programs_per_sm=4,
+                       num_warps=4, num_stages=2), dict(compact=True)],
+        16: [None, dict(compact=True), dict(compact=True, BLOCK_K=32)],
+    }
+    for in_f, out_f in getattr(args, "final_shapes", None) or [(4096, 14336), (14336, 4096)]:
+        dense_cache = {}
+        for M, kernel, sp in plan:
+            active, rank = (1 - sp, 0) if kernel != "rank-aware" else rank_for(sp, in_f, out_f)
+            case = dict(model="llama-3-8b", proj="mlp_gate_up" if in_f == 4096 else "mlp_down", in_features=in_f,
+                        out_features=out_f, M=M, dtype="bf16", kernel=kernel, sparsity=sp, active=round(active, 4),
+                        rank=rank)
+            gen = torch.Generator(device=_DEV).manual_seed(M)
+            x, ws, ws_dense, gate, A, B, mask = _make_inputs(case, gen)
+            nbytes = _needed_bytes(case, x, mask, 2)
+            it = itertools.cycle(range(len(ws)))
+            if kernel == "rank-aware":
+                fn = lambda: K.rsparse_linear(x, ws[next(it)], None, A, B, gate)
+                yr = ref.rsparse_linear(x.float(), ws[0].float(), None, mask, A.float(), B.float())
+                y_of = lambda: K.rsparse_linear(x, ws[0], None, A, B, gate)
+            else:
+                fn = lambda: K.sparse_linear(x, ws[next(it)], None, gate)
+                yr = ref.sparse_linear(x.float(), ws[0].float(), None, mask)
+                y_of = lambda: K.sparse_linear(x, ws[0], None, gate)
+            if M not in dense_cache:
+                itd = itertools.cycle(range(len(ws_dense)))
+                dfn = lambda: F.linear(x, ws_dense[next(itd)])
+                dense_cache[M] = (tt.do_bench(dfn, rep=50, return_mode="median") * 1e3, _graph_us(dfn))
+            d_eager, d_graph = dense_cache[M]
+            bucket = at.token_bucket(M)
+            for vi, v in enumerate(variants[bucket] if kernel != "input-sparse-topk" else [None]):
+                if vi and sp == 1.0:
+                    continue
+                if v:
+                    at.set_override(bucket, **v)
+                try:
+                    y = y_of()
+                    err = ((y.float() - yr).norm() / yr.norm().clamp_min(1e-30)).item() if sp < 1 else \
+                        float(y.float().abs().max())
+                    g_us = _graph_us(fn)
+                    e_us = tt.do_bench(fn, rep=50, return_mode="median") * 1e3 if vi == 0 else float("nan")
+                finally:
+                    if v:
+                        at.set_override(bucket)
+                tag = "default" if v is None else ",".join(f"{k}={val}" for k, val in v.items())
+                print(f"FINAL {in_f}->{out_f} M={M:2d} {kernel:17s} s={sp:.1f} r={rank:3d} [{tag}]: graph {g_us:6.1f} us "
+                      f"(dense {d_graph:5.1f}, x{d_graph / g_us:.2f}) eager {e_us:6.1f} us (dense {d_eager:5.1f}, "
+                      f"x{d_eager / e_us:.2f}) {nbytes / g_us / 1e3:.0f} GB/s "
+                      f"{100 * nbytes / g_us / 1e3 / copy_gbps:.0f}% err={err:.1e}", flush=True)
+                if vi == 0:
+                    row = dict(case)
+                    row.update(meta)
+                    row.update(dense_us=d_eager, kernel_us=e_us, speedup=d_eager / e_us, bytes=nbytes,
+                               gbps=nbytes / e_us / 1e3, pct_copy_bw=100 * nbytes / e_us / 1e3 / copy_gbps,
+                               graph_dense_us=d_graph, graph_kernel_us=g_us, rel_err=err)
+                    rows.append(row)
+            del ws, ws_dense
+            torch.cuda.empty_cache()
+    return rows
+
+
+def launch_overhead():
+    """CPU microseconds per call of the launchers (no GPU sync), vs F.linear."""
+    import time
+    import torch.nn.functional as F
+    from sparse_infer import kernels as K
+    from sparse_infer.ops import Gate
+    x = torch.randn(1, 4096, device=_DEV, dtype=torch.bfloat16)
+    w = K.to_kernel_layout(torch.randn(4096, 4096, device=_DEV, dtype=torch.bfloat16))
+    A = torch.randn(4096, 64, device=_DEV, dtype=torch.bfloat16)
+    B = torch.randn(64, 4096, device=_DEV, dtype=torch.bfloat16)
+    g = Gate(threshold=torch.tensor(0.5, device=_DEV))
+    for name, fn in [("F.linear", lambda: F.linear(x, w)), ("sparse_linear", lambda: K.sparse_linear(x, w, None, g)),
+                     ("rsparse_linear", lambda: K.rsparse_linear(x, w, None, A, B, g)),
+                     ("sparse_linear topk", lambda: K.sparse_linear(x, w, None, Gate(k=2048)))]:
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(200):
+            fn()
+        cpu = (time.perf_counter() - t) / 200 * 1e6
+        torch.cuda.synchronize()
+        print(f"LAUNCH {name}: {cpu:.1f} us CPU per call", flush=True)
+
+
+def fallback(args, meta):
+    """Sparse kernel vs gate + dense cuBLAS per M: where does dense win?"""
+    import triton.testing as tt
+    from sparse_infer import kernels as K
+    from sparse_infer.kernels import sparse_matmul as sm
+    from sparse_infer.ops import Gate
+    import torch.nn.functional as F
+    res = []
+    for in_f, out_f in [(4096, 14336), (14336, 4096)][: 1 if args.fallback_tokens else 2]:
+        w = (torch.randn(out_f, in_f, device=_DEV) * in_f ** -0.5).to(torch.bfloat16)
+        wk = K.to_kernel_layout(w)
+        for M in (args.fallback_tokens or (16, 32, 48, 64, 96, 128, 256)):
+            x = torch.randn(M, in_f, device=_DEV).to(torch.bfloat16)
+            for shared in (False, True):
+                agg = x.float().abs().mean(0) if shared else x.float().abs().flatten()[:1 << 20]
+                gate = Gate(threshold=torch.quantile(agg, 0.5).reshape(()), shared=shared)
+                saved = (sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS)
+                sm.DENSE_FALLBACK_TOKENS = sm.PER_TOKEN_FALLBACK_TOKENS = 1 << 30
+                K.sparse_linear(x, wk, None, gate)
+                ks = _graph_us(lambda: K.sparse_linear(x, wk, None, gate))
+                sm.DENSE_FALLBACK_TOKENS = sm.PER_TOKEN_FALLBACK_TOKENS = 0
+                K.sparse_linear(x, w, None, gate)
+                kd = _graph_us(lambda: K.sparse_linear(x, w, None, gate))
+                sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS = saved
+                dd = _graph_us(lambda: F.linear(x, w))
+                res.append((in_f, out_f, M, shared, ks, kd, dd))
+                print(f"FALLBACK {in_f}->{out_f} M={M} shared={shared}: sparse {ks:.1f} us, gate+dense {kd:.1f} us, "
+                      f"dense {dd:.1f} us", flush=True)
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels.py needs a CUDA GPU (build_cases/write_results work without one)", file=sys.stderr)
+        return 2
+    meta = _meta()
+    copy_gbps = copy_bandwidth_gbps()
+    meta["copy_gbps"] = copy_gbps
+    print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']}: copy bandwidth {copy_gbps:.0f} GB/s",
+          flush=True)
+    if args.final:
+        launch_overhead()
+        rows = final(args, copy_gbps, meta)
+        md, csv_path = write_results(rows, args.out)
+        print(f"wrote {md} and {csv_path}")
+        if args.fallback:
+            fallback(args, meta)
+        return 0
+    if args.sweep:
+        launch_overhead()
+        sweep(args, copy_gbps, meta)
+        if not args.fallback:
+            return 0
+        fallback(args, meta)
+        return 0
+    if args.fallback:
+        fallback(args, meta)
+        if not args.sweep:
+            return 0
+    rows = []
+    for case in build_cases(args):
+        r = run_case(case, copy_gbps, meta, graph=args.graph, rep=args.rep)
+        rows.append(r)
+        print(f"{case['model']} {case['proj']} {case['in_features']}->{case['out_features']} M={case['M']} "
+              f"{case['dtype']} {case['kernel']} s={case['sparsity']} r={case['rank']}: dense {r['dense_us']:.1f} "
+              f"kernel {r['kernel_us']:.1f} us x{r['speedup']:.2f} {r['gbps']:.0f} GB/s "
+              f"({r['pct_copy_bw']:.0f}%) err={r['rel_err']:.1e}"
+              + (f" graph {r['graph_dense_us']:.1f}/{r['graph_kernel_us']:.1f}" if args.graph else ""), flush=True)
+    md, csv_path = write_results(rows, args.out)
+    print(f"wrote {md} and {csv_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,7 @@
+#!/bin/bash
+# One device-machine call (`run` tool): final rows + path variants + fallback cutoff, then a CUDA test subset.
+# Results land in $OUT (final.log, kernels.md, kernels.csv, tests.log).
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+ln -sfn ../kernels sparse_infer/kernels
+timeout 220 python bench/bench_kernels.py --final --fallback --fallback-tokens 2 4 8 16 --out $OUT 2>&1 | grep -v Warning | tee $OUT/final.log
+timeout 80 python -m pytest tests/test_kernels.py -q -x -n 8 -p no:cacheprovider -k "cuda_graph or paths or nan" 2>&1 | grep -v -i warn | tail -4 | tee $OUT/tests.log

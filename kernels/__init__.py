@@ -1,0 +1,37 @@
+"""Triton kernels of sparse-infer, installed as ``sparse_infer.kernels``.
+
+Contract with ``sparse_infer.ops`` (each op equals the function of the same
+name in ``sparse_infer.reference``):
+
+* ``sparse_linear(x, weight, bias, gate)`` - input-sparse linear (decode GEMV / small-M GEMM)
+* ``rsparse_linear(x, weight, bias, A, B, gate)`` - rank-aware (R-Sparse) linear
+* ``topk_gate(x, k, scale=None)``, ``threshold_gate(x, threshold, scale=None)`` - gating
+* ``topk_mask`` / ``threshold_mask`` (bool masks, ``shared=`` for batch-shared gating)
+* ``to_kernel_layout(weight)`` - column-major weight, the layout the matmul reads fastest
+* ``DENSE_FALLBACK_TOKENS`` - above this many tokens per call the ops run gate + dense matmul
+  (``PER_TOKEN_FALLBACK_TOKENS``: the lower cutoff for per-token masks, whose union grows with M);
+  to change them at run time set ``sparse_infer.kernels.sparse_matmul.<NAME>``
+* ``gated_mlp`` - fused CATS gated MLP (kernels/gated_mlp.py, when present)
+
+``torch.ops.sparse_infer.sparse_linear`` / ``rsparse_linear`` are registered as
+custom ops (kernels/_ops.py); under ``torch.compile`` the functions above route
+through them (one opaque node each, no graph break).
+"""
+
+from .gating import threshold_gate, threshold_mask, topk_gate, topk_mask
+from .rsparse_matmul import rsparse_linear
+from .sparse_matmul import DENSE_FALLBACK_TOKENS, PER_TOKEN_FALLBACK_TOKENS, sparse_linear, to_kernel_layout
+from . import _ops  # noqa: F401  registers torch.ops.sparse_infer.sparse_linear / rsparse_linear
+
+try:
+    from .gated_mlp import gated_mlp
+except Exception as _e:  # noqa: BLE001  file not written yet, or its import failed
+    _GATED_MLP_ERROR = _e
+
+    def gated_mlp(*args, **kwargs):
+        raise NotImplementedError(f"the fused gated_mlp kernel is unavailable: {_GATED_MLP_ERROR}")
+
+__all__ = [
+    "sparse_linear", "rsparse_linear", "topk_gate", "threshold_gate", "topk_mask", "threshold_mask",
+    "to_kernel_layout", "DENSE_FALLBACK_TOKENS", "PER_TOKEN_FALLBACK_TOKENS", "gated_mlp",
+]

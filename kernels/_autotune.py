@@ -1,0 +1,142 @@
+"""Launch configurations for the sparse-infer kernels.
+
+Tested with triton 3.6 (H100, CUDA) and triton 3.9 (CPU interpreter).
+
+One deterministic configuration per *shape class* instead of ``triton.autotune``:
+the kernels are meant to be captured in CUDA graphs and called once per layer
+per decode step, so a config must be known before the first launch and must not
+depend on data.  The table below was measured on an H100 (see
+``bench/KERNEL_NOTES.md``); the classes are bounded (a few buckets of tokens and
+output size), so at most a handful of kernel variants get compiled per dtype.
+
+Under ``TRITON_INTERPRET=1`` a single tiny configuration is used (the
+interpreter ignores warps/stages, and small tiles keep the CPU tests fast while
+still exercising the split-K reduction and the masked edges).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["MatmulConfig", "interpreting", "matmul_config", "num_sms", "set_override"]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    BLOCK_M: int  # token tile (1 => GEMV path); the launcher shrinks it to next_pow2(M) on the FMA path
+    BLOCK_N: int  # output-feature tile
+    BLOCK_K: int  # input-channel tile (rows of W^T per iteration)
+    programs_per_sm: int  # split-K is chosen so that n_tiles * split_k ~ programs_per_sm * SMs
+    num_warps: int
+    num_stages: int
+    use_dot: bool = False  # tensor-core tl.dot (BLOCK_M >= 16) instead of fp32 FMAs
+    pregate: bool = False  # gate in a separate pass (masked x + union of active channels) instead of in-kernel
+    compact: bool = False  # separate gate pass that also compacts active channel ids; the matmul loops over them
+
+
+# token buckets: 1 | 2..8 | 9..16 | 17..32 | 33..64
+_INTERP = {
+    1: MatmulConfig(1, 64, 32, 0, 1, 1),
+    8: MatmulConfig(8, 64, 32, 0, 1, 1, use_dot=False, pregate=False),
+    16: MatmulConfig(16, 64, 32, 0, 1, 1, use_dot=True, pregate=True),
+    32: MatmulConfig(32, 64, 32, 0, 1, 1, use_dot=True, pregate=False),
+    64: MatmulConfig(32, 64, 32, 0, 1, 1, use_dot=True, pregate=True),
+}
+
+# GPU table, measured on H100, bf16, Llama-3-8B MLP shapes, CUDA-graph timing
+# (bench/KERNEL_NOTES.md, bench/final_h100_run3.log):
+# * M=1: BLOCK_N=128, BLOCK_K=64, 1 warp, ~8 programs/SM was the best of 16 configs
+#   (28.6 us at 50 % on 4096->14336; 256/64/2 warps: 33.3 us; 256/128/4 warps: 46.2 us).
+# * M=2..64: tensor-core dot with the tokens padded to 16 and the gate in a separate pass
+#   ("pregate": 35-49 us at M=4, 48-52 us shared M=16); the fp32-FMA path (155-169 us at M=4)
+#   and the in-kernel gate with tl.dot (79-87 us shared M=16) were far slower.
+_GPU = {
+    1: MatmulConfig(1, 128, 64, 8, 1, 1),
+    8: MatmulConfig(16, 128, 64, 4, 4, 2, use_dot=True, pregate=True),
+    16: MatmulConfig(16, 128, 64, 4, 4, 2, use_dot=True, pregate=True),
+    32: MatmulConfig(32, 128, 64, 4, 4, 2, use_dot=True, pregate=True),
+    64: MatmulConfig(64, 128, 64, 4, 4, 2, use_dot=True, pregate=True),
+}
+
+_OVERRIDE: dict = {}
+
+
+def set_override(bucket: int, **fields) -> None:
+    """Replace fields of one bucket's config (benchmark sweeps, tests); no fields: back to the table."""
+    _CFG_CACHE.clear()
+    if not fields:
+        _OVERRIDE.pop(bucket, None)
+        return
+    base = _INTERP[bucket] if interpreting() else _GPU[bucket]
+    _OVERRIDE[bucket] = replace(base, **fields)
+
+
+_SM_CACHE: dict = {}
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_CACHE:
+        _SM_CACHE[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_CACHE[idx]
+
+
+def token_bucket(M: int) -> int:
+    for b in (1, 8, 16, 32):
+        if M <= b:
+            return b
+    return 64
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def matmul_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> MatmulConfig:
+    """The launch configuration for an (M tokens) x (K -> N) sparse matmul (cached: launch overhead)."""
+    key = (M if M <= 64 else 65, dtype, device.type, interpreting())
+    cfg = _CFG_CACHE.get(key)
+    if cfg is None:
+        cfg = _CFG_CACHE[key] = _matmul_config(M if M <= 64 else 65, dtype, device)
+    return cfg
+
+
+_CFG_CACHE: dict = {}
+
+
+def _matmul_config(M: int, dtype: torch.dtype, device: torch.device) -> MatmulConfig:
+    b = token_bucket(M)
+    if b in _OVERRIDE:
+        cfg = _OVERRIDE[b]
+    elif interpreting() or device.type != "cuda":
+        cfg = _INTERP[b]
+    else:
+        cfg = _GPU[b]
+        if dtype == torch.float32 and cfg.BLOCK_N * cfg.BLOCK_K * max(cfg.BLOCK_M, 1) > 256 * 64:
+            cfg = replace(cfg, BLOCK_N=max(32, cfg.BLOCK_N // 2))
+    if M == 1:
+        return replace(cfg, BLOCK_M=1, use_dot=False, pregate=False)
+    if cfg.use_dot:
+        return replace(cfg, BLOCK_M=max(16, min(cfg.BLOCK_M, _pow2(M))))
+    return replace(cfg, BLOCK_M=min(max(2, _pow2(M)), max(2, cfg.BLOCK_M)))
+
+
+def split_k(n_tiles: int, m_tiles: int, k_blocks: int, cfg: MatmulConfig, device: torch.device):
+    """(split_k, k_blocks_per_split): enough programs to fill the GPU, never an empty split."""
+    if interpreting() or device.type != "cuda":
+        target = max(1, min(k_blocks, 3))
+    else:
+        target = max(1, (cfg.programs_per_sm * num_sms(device)) // max(1, n_tiles * m_tiles))
+    s = max(1, min(target, k_blocks))
+    per = -(-k_blocks // s)
+    s = -(-k_blocks // per)
+    return s, per

@@ -1,0 +1,370 @@
+"""sparse_linear / rsparse_linear / gating kernels against sparse_infer.reference.
+
+Runs under the Triton interpreter on the CPU (conftest sets TRITON_INTERPRET=1)
+and natively on CUDA.  Shapes are tiny and odd (masked edges, split-K with a
+partial last block); the parameter grid is spread over cases rather than a full
+product to keep the whole file around a minute on a 2-core CPU.
+"""
+
+import itertools
+
+import pytest
+import torch
+from conftest import DEVICE, rel_err
+
+from sparse_infer import reference as ref
+from sparse_infer import kernels as K
+from sparse_infer.kernels import sparse_matmul as sm
+from sparse_infer.ops import Gate
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
+CUDA = DEVICE == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def kernel_path(monkeypatch):
+    """Exercise the kernels themselves up to 64 tokens (the dense fallback has its own test)."""
+    monkeypatch.setattr(sm, "DENSE_FALLBACK_TOKENS", 64)
+    monkeypatch.setattr(sm, "PER_TOKEN_FALLBACK_TOKENS", 64)
+
+
+def rnd(g, *shape, dtype=torch.float32, scale=1.0):
+    return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+
+def make(M, in_f, out_f, dtype, seed=0, bias=True, layout="col"):
+    g = torch.Generator().manual_seed(seed)
+    x = rnd(g, M, in_f, dtype=dtype)
+    w = rnd(g, out_f, in_f, dtype=dtype, scale=in_f ** -0.5)
+    if layout == "col":
+        w = K.to_kernel_layout(w)
+    elif layout == "strided":  # neither row- nor column-major: every other column of a wider matrix
+        wide = rnd(g, out_f, 2 * in_f, dtype=dtype, scale=in_f ** -0.5)
+        w = wide[:, ::2]
+    b = rnd(g, out_f, dtype=dtype) if bias else None
+    return g, x, w, b
+
+
+def make_gate(kind, x, sparsity, g, shared=False):
+    """A gate that leaves about ``sparsity`` of the channels inactive."""
+    in_f = x.shape[-1]
+    scale = (torch.rand(in_f, generator=g) + 0.5).to(DEVICE) if "scale" in kind else None
+    if kind.startswith("topk"):
+        return Gate(k=int(round((1 - sparsity) * in_f)), scale=scale, shared=shared)
+    score = x.float().abs() * (scale if scale is not None else 1.0)
+    if shared:
+        score = score.reshape(-1, in_f).mean(0)
+    if sparsity <= 0:
+        t = torch.tensor(-1.0)
+    elif sparsity >= 1:
+        t = torch.tensor(float("inf"))
+    else:
+        t = torch.quantile(score.flatten().cpu(), sparsity)
+    t = t.to(DEVICE)
+    if "vec" in kind:  # per-channel thresholds around the quantile
+        t = t * (torch.rand(in_f, generator=g).to(DEVICE) * 0.4 + 0.8)
+    return Gate(threshold=t, scale=scale, shared=shared)
+
+
+def ref_sparse(x, w, b, mask):
+    return ref.sparse_linear(x.double(), w.double(), None if b is None else b.double(), mask)
+
+
+def ref_rsparse(x, w, b, mask, A, B):
+    return ref.rsparse_linear(x.double(), w.double(), None if b is None else b.double(), mask, A.double(), B.double())
+
+
+# --------------------------------------------------------------------------- input-sparse linear
+GATES = ["thresh", "thresh_vec_scale", "topk", "topk_scale"]
+SHAPES = [(37, 53), (129, 77)] + ([(577, 1539), (4096, 1024)] if CUDA else [])
+
+
+GATE_CASES = list(itertools.product(GATES, [False, True]))  # 8 (gate kind, shared) pairs
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_linear(shape, M, dtype):
+    in_f, out_f = shape
+    # each test takes 3 of the 8 gate cases, rotating, so the grid covers all of them per shape
+    start = 3 * (DTYPES.index(dtype) + 3 * [1, 3, 16].index(M))
+    for i in range(start, start + (8 if CUDA else 3)):
+        kind, shared = GATE_CASES[i % 8]
+        sparsity = [0.5, 0.9][i % 2]
+        g, x, w, b = make(M, in_f, out_f, dtype, seed=i + 10 * M, bias=i % 3 != 2)
+        gate = make_gate(kind, x, sparsity, g, shared)
+        y = K.sparse_linear(x, w, b, gate)
+        yr = ref_sparse(x, w, b, gate.mask(x))
+        assert y.dtype == dtype and y.shape == (M, out_f)
+        assert rel_err(y, yr) < TOL[dtype], (kind, shared, sparsity)
+
+
+@pytest.mark.parametrize("kind", ["thresh", "topk"])
+@pytest.mark.parametrize("steps", [1, 3])
+def test_shared_per_decode_step(kind, steps):
+    """Shared gating of a (batch, seq, in) input: one mask per position seq (mean over the batch)."""
+    g = torch.Generator().manual_seed(3)
+    x = rnd(g, 4, steps, 37, dtype=torch.float16)
+    w = rnd(g, 53, 37, dtype=torch.float16, scale=37 ** -0.5)
+    gate = make_gate(kind, x, 0.5, g, shared=True)
+    y = K.sparse_linear(x, w, None, gate)
+    assert y.shape == (4, steps, 53)
+    assert rel_err(y, ref_sparse(x, w, None, gate.mask(x))) < TOL[torch.float16]
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])
+@pytest.mark.parametrize("kind", ["thresh", "topk"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_sparsity_extremes(sparsity, kind, shared):
+    dtype = torch.bfloat16
+    g, x, w, b = make(3, 37, 53, dtype)
+    gate = make_gate(kind, x, sparsity, g, shared)
+    y = K.sparse_linear(x, w, b, gate)
+    yr = ref_sparse(x, w, b, gate.mask(x))
+    if sparsity == 1.0:  # nothing active: exactly the bias
+        assert torch.equal(y, b.expand_as(y))
+    else:
+        assert rel_err(y, yr) < TOL[dtype]
+
+
+@pytest.mark.parametrize("layout", ["row", "col", "strided"])
+@pytest.mark.parametrize("M", [1, 4])
+def test_weight_layouts_and_noncontiguous_x(layout, M):
+    dtype = torch.float16
+    g, x, w, b = make(M, 53, 37, dtype, layout=layout)
+    x3 = rnd(g, 2, 53, M, dtype=dtype).transpose(1, 2)  # (2, M, 53), non-contiguous
+    gate = make_gate("thresh", x3, 0.5, g)
+    y = K.sparse_linear(x3, w, None, gate)
+    yr = ref_sparse(x3, w, None, gate.mask(x3))
+    assert y.shape == (2, M, 37)
+    assert rel_err(y, yr) < TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", ["thresh", "topk"])
+def test_zero_input(kind):
+    g, x, w, b = make(3, 37, 53, torch.float32)
+    x = torch.zeros_like(x)
+    gate = Gate(k=10) if kind == "topk" else Gate(threshold=torch.tensor(0.0, device=DEVICE))
+    y = K.sparse_linear(x, w, b, gate)
+    assert torch.allclose(y.double(), ref_sparse(x, w, b, gate.mask(x)), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["thresh", "topk", "topk0"])
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("rank", [0, 4])
+def test_nan_propagation(kind, M, rank):
+    g, x, w, b = make(M, 37, 53, torch.float32)
+    x[0, 5] = float("nan")
+    gate = {"thresh": Gate(threshold=torch.tensor(0.5, device=DEVICE)), "topk": Gate(k=9),
+            "topk0": Gate(k=0)}[kind]
+    mask = gate.mask(x)
+    if rank:
+        A, B = ref.lowrank_factors(w.float(), rank, torch.float32)
+        y, yr = K.rsparse_linear(x, w, b, A, B, gate), ref_rsparse(x, w, b, mask, A, B)
+    else:
+        y, yr = K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, mask)
+    assert torch.equal(torch.isnan(y), torch.isnan(yr))
+    fin = ~torch.isnan(yr)
+    assert rel_err(y[fin], yr[fin]) < 1e-5
+
+
+def test_dense_fallback(monkeypatch):
+    monkeypatch.setattr(sm, "DENSE_FALLBACK_TOKENS", 2)
+    monkeypatch.setattr(sm, "PER_TOKEN_FALLBACK_TOKENS", 1)
+    assert not sm._fallback(1, Gate(k=1)) and sm._fallback(2, Gate(k=1)) and not sm._fallback(2, Gate(k=1, shared=True))
+    for kind, shared in [("thresh", False), ("topk", True), ("topk_scale", False), ("thresh", True)]:
+        g, x, w, b = make(5, 37, 53, torch.float32)
+        gate = make_gate(kind, x, 0.5, g, shared)
+        assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < 1e-5
+        A, B = ref.lowrank_factors(w.float(), 3, torch.float32)
+        assert rel_err(K.rsparse_linear(x, w, b, A, B, gate), ref_rsparse(x, w, b, gate.mask(x), A, B)) < 1e-5
+
+
+def test_shared_many_tokens():
+    """Shared mode with more tokens than one tile holds (mask precomputed, several M tiles)."""
+    g, x, w, b = make(40, 37, 53, torch.bfloat16)
+    for kind in ["thresh", "topk"]:
+        gate = make_gate(kind, x, 0.5, g, shared=True)
+        assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("use_dot", [False, True])
+@pytest.mark.parametrize("gating", ["fused", "pregate", "compact"])
+def test_matmul_paths(use_dot, gating):
+    """Every (tl.dot | fp32 FMA) x (in-kernel gate | separate gate pass | compacted channel ids) path,
+    whatever the config table picks; M=1 (GEMV) included for the compacted path."""
+    from sparse_infer.kernels import _autotune as at
+    buckets = (1, 8, 16) if gating == "compact" else (8, 16)
+    try:
+        for bucket in buckets:
+            at.set_override(bucket, use_dot=use_dot, pregate=gating != "fused", compact=gating == "compact",
+                            BLOCK_M=16 if use_dot else 8)
+        cases = [(5, "thresh_vec_scale", False), (16, "topk", True), (7, "thresh", True), (12, "topk_scale", False)]
+        if gating == "compact":
+            cases += [(1, "thresh", False), (1, "topk_scale", False)]
+        for i, (M, kind, shared) in enumerate(cases):
+            dtype = DTYPES[i % 3]
+            g, x, w, b = make(M, 77, 53, dtype, seed=i)
+            gate = make_gate(kind, x, [0.5, 0.9][i % 2], g, shared)
+            assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[dtype]
+            A, B = ref.lowrank_factors(w.float(), 4, dtype)
+            assert rel_err(K.rsparse_linear(x, w, b, A, B, gate),
+                           ref_rsparse(x, w, b, gate.mask(x), A, B)) < TOL[dtype]
+        if gating == "compact":  # all channels inactive / all active
+            g, x, w, b = make(3, 77, 53, torch.float32, seed=9)
+            for sp in (0.0, 1.0):
+                gate = make_gate("thresh", x, sp, g)
+                assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < 1e-5
+    finally:
+        for bucket in buckets:
+            at.set_override(bucket)
+
+
+def test_errors():
+    g, x, w, b = make(1, 37, 53, torch.float32)
+    with pytest.raises(ValueError, match="in_features"):
+        K.sparse_linear(x[:, :10], w, b, Gate(k=3))
+    with pytest.raises(TypeError, match="dtype"):
+        K.sparse_linear(x.half(), w, b, Gate(k=3))
+    with pytest.raises(ValueError, match="k="):
+        K.sparse_linear(x, w, b, Gate(k=99))
+    with pytest.raises(ValueError, match="threshold"):
+        K.sparse_linear(x, w, b, Gate(threshold=torch.ones(5, device=DEVICE)))
+    with pytest.raises(ValueError, match="A \\(in"):
+        K.rsparse_linear(x, w, b, torch.zeros(36, 2, device=DEVICE), torch.zeros(2, 53, device=DEVICE), Gate(k=3))
+
+
+def test_default_fallback_cutoffs():
+    assert K.DENSE_FALLBACK_TOKENS >= 1 and 1 <= K.PER_TOKEN_FALLBACK_TOKENS <= 64
+
+
+def test_to_kernel_layout():
+    w = torch.randn(5, 7, device=DEVICE)
+    wk = K.to_kernel_layout(w)
+    assert torch.equal(wk, w) and wk.stride() == (1, 5)
+    assert K.to_kernel_layout(wk) is wk
+
+
+# --------------------------------------------------------------------------- rank-aware
+RS_CASES = [("thresh", False, 5), ("topk_scale", False, 17), ("thresh_vec_scale", True, 3), ("topk", True, 8)]
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (129, 77)] + ([(577, 1539)] if CUDA else []))
+@pytest.mark.parametrize("M", [1, 3, 16])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rsparse_linear(shape, M, dtype):
+    in_f, out_f = shape
+    start = DTYPES.index(dtype) + [1, 3, 16].index(M)
+    for i in range(start, start + (4 if CUDA else 2)):
+        kind, shared, rank = RS_CASES[i % 4]
+        g, x, w, b = make(M, in_f, out_f, dtype, seed=i, bias=i % 2 == 0)
+        A, B = ref.lowrank_factors(w.float(), rank, dtype)
+        gate = make_gate(kind, x, [0.5, 0.9][i % 2], g, shared)
+        y = K.rsparse_linear(x, w, b, A, B, gate)
+        yr = ref_rsparse(x, w, b, gate.mask(x), A, B)
+        assert y.dtype == dtype and y.shape == (M, out_f)
+        assert rel_err(y, yr) < TOL[dtype], (kind, shared, rank)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0])
+def test_rsparse_extremes(sparsity):
+    g, x, w, b = make(3, 37, 53, torch.float32)
+    A, B = ref.lowrank_factors(w.float(), 6, torch.float32)
+    for kind in ["thresh", "topk"]:
+        gate = make_gate(kind, x, sparsity, g)
+        assert rel_err(K.rsparse_linear(x, w, b, A, B, gate), ref_rsparse(x, w, b, gate.mask(x), A, B)) < 1e-5
+    # rank 0 is the input-sparse op
+    A0, B0 = ref.lowrank_factors(w.float(), 0, torch.float32)
+    gate = make_gate("thresh", x, 0.5, g)
+    assert rel_err(K.rsparse_linear(x, w, b, A0, B0, gate), ref_sparse(x, w, b, gate.mask(x))) < 1e-5
+
+
+# --------------------------------------------------------------------------- gating
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 53), (4, 129), (2, 3, 200)])
+def test_gates_equal_reference(dtype, shape):
+    g = torch.Generator().manual_seed(1)
+    x = rnd(g, *shape, dtype=dtype)
+    n = shape[-1]
+    x.view(-1, n)[:, :7] = x.view(-1, n)[:, 7:14]  # exact ties in |x|
+    x.view(-1, n)[0, 3] = float("nan")
+    scale = (torch.rand(n, generator=g) + 0.5).to(DEVICE)
+
+    def same(a, b):
+        return torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+    for k, s in [(0, None), (1, scale), (n // 3, None), (n // 3, scale), (n - 1, None), (n, scale)]:
+        assert same(K.topk_gate(x, k, s), ref.topk_gate(x, k, s)), k
+        assert torch.equal(K.topk_mask(x, k, s, shared=True), ref.shared_topk_mask(x, k, s)), k
+    for t, s in [(0.0, None), (0.7, scale), (torch.rand(n, generator=g).to(DEVICE), None)]:
+        assert same(K.threshold_gate(x, t, s), ref.threshold_gate(x, t, s))
+        assert torch.equal(K.threshold_mask(x, t, s, shared=True), ref.shared_threshold_mask(x, t, s))
+
+
+def test_topk_streamed_rows(monkeypatch):
+    """Rows longer than RESIDENT_MAX take the chunked selection path (forced here on a short row)."""
+    from sparse_infer.kernels import gating
+    monkeypatch.setattr(gating, "RESIDENT_MAX", 64)
+    g = torch.Generator().manual_seed(2)
+    x = rnd(g, 3, 300)
+    x[:, :50] = x[:, 50:100].round(decimals=1)  # ties
+    x[:, 50:100] = x[:, :50]
+    for k in [1, 77, 299]:
+        assert torch.equal(K.topk_mask(x, k), ref.topk_mask(x, k))
+        assert torch.equal(K.topk_mask(x, k, shared=True), ref.shared_topk_mask(x, k))
+
+
+# --------------------------------------------------------------------------- CUDA only
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture():
+    g, x, w, b = make(4, 4096, 1024, torch.bfloat16)
+    A, B = ref.lowrank_factors(w.float(), 32, torch.bfloat16)
+    gate = make_gate("thresh", x, 0.5, g)
+    gate_k = Gate(k=1024)
+    fns = [lambda: K.sparse_linear(x, w, b, gate), lambda: K.rsparse_linear(x, w, b, A, B, gate),
+           lambda: K.sparse_linear(x, w, b, gate_k)]
+    for fn in fns:
+        eager = fn()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+        x.copy_(rnd(g, *x.shape, dtype=x.dtype))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel_err(out, fn()) < 1e-2
+        del eager
+
+
+# --------------------------------------------------------------------------- torch.library / torch.compile
+@pytest.mark.parametrize("kind", ["thresh", "topk"])
+def test_custom_ops(kind):
+    from sparse_infer.kernels import _ops  # noqa: F401  (registers torch.ops.sparse_infer.*)
+    g, x, w, b = make(3, 37, 53, torch.float32)
+    gate = make_gate(kind, x, 0.5, g)
+    A, B = ref.lowrank_factors(w.float(), 4, torch.float32)
+    y = _ops.sparse_linear_op(x, w, b, gate)
+    assert rel_err(y, ref_sparse(x, w, b, gate.mask(x))) < 1e-5
+    y = _ops.rsparse_linear_op(x, w, b, A, B, gate)
+    assert rel_err(y, ref_rsparse(x, w, b, gate.mask(x), A, B)) < 1e-5
+
+
+def test_torch_compile_no_graph_break():
+    """Dynamo traces a call of the kernels as one custom-op node (fullgraph=True fails on a break)."""
+    g, x, w, b = make(2, 37, 53, torch.float32)
+    gate = make_gate("thresh", x, 0.5, g)
+    A, B = ref.lowrank_factors(w.float(), 4, torch.float32)
+
+    def f(x):
+        return K.sparse_linear(x, w, b, gate) + K.rsparse_linear(x, w, b, A, B, gate)
+
+    torch._dynamo.reset()
+    y = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    want = ref_sparse(x, w, b, gate.mask(x)) + ref_rsparse(x, w, b, gate.mask(x), A, B)
+    assert rel_err(y, want) < 1e-5

@@ -11,7 +11,7 @@ name in ``sparse_infer.reference``):
 * ``DENSE_FALLBACK_TOKENS`` - above this many tokens per call the ops run gate + dense matmul
   (``PER_TOKEN_FALLBACK_TOKENS``: the lower cutoff for per-token masks, whose union grows with M);
   to change them at run time set ``sparse_infer.kernels.sparse_matmul.<NAME>``
-* ``gated_mlp`` - fused CATS gated MLP (kernels/gated_mlp.py, when present)
+* ``gated_mlp`` - fused CATS gated MLP (kernels/gated_mlp.py)
 
 ``torch.ops.sparse_infer.sparse_linear`` / ``rsparse_linear`` are registered as
 custom ops (kernels/_ops.py); under ``torch.compile`` the functions above route
@@ -23,13 +23,7 @@ from .rsparse_matmul import rsparse_linear
 from .sparse_matmul import DENSE_FALLBACK_TOKENS, PER_TOKEN_FALLBACK_TOKENS, sparse_linear, to_kernel_layout
 from . import _ops  # noqa: F401  registers torch.ops.sparse_infer.sparse_linear / rsparse_linear
 
-try:
-    from .gated_mlp import gated_mlp
-except Exception as _e:  # noqa: BLE001  file not written yet, or its import failed
-    _GATED_MLP_ERROR = _e
-
-    def gated_mlp(*args, **kwargs):
-        raise NotImplementedError(f"the fused gated_mlp kernel is unavailable: {_GATED_MLP_ERROR}")
+from .gated_mlp import gated_mlp
 
 __all__ = [
     "sparse_linear", "rsparse_linear", "topk_gate", "threshold_gate", "topk_mask", "threshold_mask",

@@ -1,0 +1,460 @@
+"""Allocation of one model-level budget (weight elements read per token) over the patched layers.
+
+Every allocation returns a per-layer sparsity ``s_l`` (the fraction of the
+layer's dense weight elements it skips, counted as in
+`reference.linear_read_elements`) with ``sum_l d_l (1 - s_l) = (1 - S) sum_l d_l``
+exactly, ``d_l`` the layer's dense element count and ``S`` the budget; the
+planner then rounds each layer's active channels down, so the realised
+model-level sparsity is ``S`` to within one channel per layer.  For rsparse a
+rank ``r_l`` is chosen too (``k_l * out + r_l * (in + out) <= d_l (1 - s_l)``).
+
+Layer-local calibration error: for a layer with weight ``W`` and sampled
+inputs ``X`` (the reservoir of `calibrate.collect_stats`), the relative error
+``||Y_sparse - Y_dense||^2 / ||Y_dense||^2``.  With the SVD ``W = U S V^T`` the
+error of dropping ``X_d`` (the inactive part of ``X``) and sending it through
+the rank-r factor is ``sum_{j>=r} s_j^2 ||X_d v_j||^2``: one product gives the
+error at every rank at once.
+
+* `uniform`: every layer at ``S`` (rsparse: the rank of least error at that budget).
+* `greedy` (TEAL): from dense, repeatedly raise by 1 % the sparsity of the layer
+  whose (weighted) error grows least per element saved, until the budget is met
+  (the last step is partial, so the budget is met exactly).
+* `search` (R-Sparse): an evolutionary (1+1) search over a few shape parameters
+  of the allocation (a sparsity offset per projection type, a tilt with
+  depth, a scale on the rsparse ranks the error table picks), each candidate
+  meeting the budget exactly and scored by the KL divergence of the output
+  logits against the dense model on calibration windows.  Uniform and greedy
+  are its first candidates, so the returned allocation has a calibration KL no
+  higher than either; seeded, bounded by ``iterations`` and ``time_budget_s``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import reference as ref
+from .config import GATE_MAX_SPARSITY, SparsityConfig
+
+__all__ = ["Curve", "error_curves", "uniform", "greedy", "search", "to_calibration", "allocation_sparsity"]
+
+FINE = 100  # allocation grid: steps of 1 % of a layer's dense elements
+COARSE = 20  # error measured at every 5 % of density, interpolated in between
+PROXY_TOKENS = 256  # reservoir rows used for the layer-local errors
+
+
+@dataclass
+class Curve:
+    """Calibration error of one layer as a function of its sparsity (grid ``j / FINE``)."""
+
+    name: str
+    kind: str  # "linear" / "mlp"
+    method: str  # topk / threshold / rsparse / gate
+    in_features: int
+    out_features: int
+    dense: float  # dense weight elements read per token
+    err: torch.Tensor  # (FINE,) float64, relative output error at sparsity j / FINE; inf where unreachable
+    rank: Optional[torch.Tensor]  # (FINE,) int64 rsparse rank at that budget
+    group: str
+    depth: float  # position of the layer in the model, 0..1
+    gating: str = "topk"  # how the layer picks its channels: "topk" (exact k) or "threshold" (calibrated)
+
+    @property
+    def max_index(self) -> int:
+        finite = torch.isfinite(self.err).nonzero()
+        return int(finite.max()) if len(finite) else 0
+
+    def rank_at(self, s: float) -> int:
+        if self.rank is None:
+            return 0
+        j = min(FINE - 1, max(0, math.ceil(s * FINE - 1e-9)))
+        return int(self.rank[j])
+
+
+def _svd(weight: torch.Tensor):
+    U, S, Vh = torch.linalg.svd(weight.detach().to("cpu", torch.float32), full_matrices=False)
+    return U, S, Vh
+
+
+def _depths(names: List[str]) -> Dict[str, float]:
+    import re
+
+    idx = {}
+    for n in names:
+        m = re.search(r"layers\.(\d+)\.", n)
+        idx[n] = int(m.group(1)) if m else 0
+    top = max(idx.values()) or 1
+    return {n: i / top for n, i in idx.items()}
+
+
+def _drop_masks(imp: torch.Tensor, drops: List[int], by_threshold: bool):
+    """Per grid point, the bool mask of dropped channels: the ``d`` least important per token
+    (top-k), or those at or below the sample quantile that drops the same fraction (threshold)."""
+    width = imp.shape[-1]
+    if by_threshold:
+        flat = imp.flatten().sort().values
+        for d in drops:
+            if d <= 0:
+                yield torch.zeros_like(imp, dtype=torch.bool)
+                continue
+            q = flat[min(len(flat) - 1, max(0, int(round(d / width * len(flat))) - 1))]
+            yield imp <= q
+    else:
+        order = torch.argsort(imp, dim=-1, descending=True, stable=True)
+        ranks = torch.empty_like(order)
+        ranks.scatter_(-1, order, torch.arange(width).expand_as(order).contiguous())
+        for d in drops:
+            yield ranks >= width - d
+
+
+def _interp(coarse_s: torch.Tensor, coarse_err: torch.Tensor, fine_s: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation; monotone non-decreasing after a running max."""
+    e = torch.cummax(coarse_err, 0).values
+    idx = torch.searchsorted(coarse_s, fine_s).clamp(1, len(coarse_s) - 1)
+    s0, s1 = coarse_s[idx - 1], coarse_s[idx]
+    e0, e1 = e[idx - 1], e[idx]
+    w = ((fine_s - s0) / (s1 - s0)).clamp(0, 1)
+    return e0 + w * (e1 - e0)
+
+
+@torch.no_grad()
+def default_gating(config: SparsityConfig) -> str:
+    """Top-k for the topk method; calibrated thresholds (TEAL / R-Sparse) for the others."""
+    return "topk" if config.method == "topk" else "threshold"
+
+
+def error_curves(model: nn.Module, stats, config: SparsityConfig, *, progress: bool = True,
+                 gating: Optional[str] = None) -> List[Curve]:
+    """Per-layer error curves (cached in ``stats.cache``: computed once per method).
+
+    The error of a layer is its relative output error on the sampled inputs.
+    (Weighting it by the share of the residual stream its block writes was
+    tried and misleads on SmolLM2, whose residual stream carries a few huge
+    outlier channels in the middle layers.)
+    """
+    from .patch import _targets, find_family
+
+    gating = gating or default_gating(config)
+    if gating not in ("topk", "threshold"):
+        raise ValueError(f"gating must be 'topk' or 'threshold', got {gating!r}")
+    key = ("curves", config.method, config.use_importance, gating, config.allocation == "uniform" and config.method != "rsparse")
+    if key in stats.cache:
+        return stats.cache[key]
+    family = find_family(model)
+    targets = _targets(model, family, config)
+    depth = _depths([t[0] for t in targets])
+    fine_s = torch.arange(FINE, dtype=torch.float64) / FINE
+    if config.allocation == "uniform" and config.method != "rsparse":
+        # no error needed: only the shapes (the error curve is left at zero where reachable)
+        out = []
+        for name, _p, _a, module, kind in targets:
+            st = stats.layers[name]
+            err = torch.zeros(FINE, dtype=torch.float64)
+            if kind == "mlp":
+                err[fine_s >= GATE_MAX_SPARSITY - 1e-9] = float("inf")
+            method = "gate" if kind == "mlp" else ("topk" if config.method == "gate" else config.method)
+            out.append(Curve(name, kind, method, st.in_features, st.out_features, st.dense_elements, err, None,
+                             name.rsplit(".", 1)[-1], depth[name], "threshold" if kind == "mlp" else gating))
+        return out
+    curves = []
+    svds = stats.cache.setdefault("svd", {})
+    for name, _p, _a, module, kind in tqdm(targets, desc="layer errors", disable=not progress):
+        st = stats.layers[name]
+        X = st.sample[:PROXY_TOKENS].float()
+        group = name.rsplit(".", 1)[-1]
+        if kind == "mlp":
+            g, u, dn = (getattr(module, n) for n in family.mlp_linears)
+            H = module.act_fn(F.linear(X.to(g.weight.dtype).to(g.weight.device), g.weight, g.bias)).float().cpu()
+            Z = H * F.linear(X.to(u.weight.dtype).to(u.weight.device), u.weight, u.bias).float().cpu()
+            Wd = dn.weight.detach().float().cpu()
+            norm = float((Z @ Wd.T).pow(2).sum()) or 1.0
+            width = st.width
+            dens = torch.arange(COARSE + 1, dtype=torch.float64) / COARSE  # density of up/down
+            drops = [width - int(round(float(d) * width)) for d in dens]
+            errs = torch.empty(len(drops), dtype=torch.float64)
+            for i, drop in enumerate(_drop_masks(H.abs(), drops, by_threshold=True)):
+                errs[i] = float(((Z * drop) @ Wd.T).pow(2).sum()) / norm
+            # MLP sparsity s = (1 - d) * 2/3
+            cs = ((1 - dens) * GATE_MAX_SPARSITY).flip(0)
+            err = _interp(cs, errs.flip(0), fine_s)
+            err[fine_s >= GATE_MAX_SPARSITY - 1e-9] = float("inf")
+            curves.append(Curve(name, kind, "gate", st.in_features, st.out_features, st.dense_elements, err, None, "mlp",
+                                depth[name], "threshold"))
+            continue
+        W = module.weight.detach()
+        in_f, out_f = module.in_features, module.out_features
+        method = "topk" if config.method == "gate" else config.method
+        if name not in svds:
+            svds[name] = _svd(W)
+        U, S, Vh = svds[name]
+        VS = Vh.T * S  # (in, m)
+        m = S.numel()
+        imp = X.abs() * ref.column_norms(W).cpu() if config.use_importance else X.abs()
+        norm = float((X @ VS).pow(2).sum()) or 1.0
+        ks = [int(round(i / COARSE * in_f)) for i in range(COARSE + 1)]  # active channels
+        drops = [in_f - k for k in ks]
+        table = torch.empty(len(ks), m + 1, dtype=torch.float64)  # error at (k_i, rank r)
+        lin_gating = "topk" if method == "topk" else gating
+        for i, drop in enumerate(_drop_masks(imp, drops, by_threshold=(lin_gating == "threshold"))):
+            P = (X * drop) @ VS
+            e = P.double().pow(2).sum(0)  # (m,)
+            tail = torch.flip(torch.cumsum(torch.flip(e, [0]), 0), [0])  # tail[r] = sum_{j>=r}
+            table[i, :m] = tail / norm
+            table[i, m] = 0.0
+        if method == "rsparse":
+            budget = (1 - fine_s) * in_f * out_f  # (FINE,)
+            kt = torch.tensor(ks, dtype=torch.float64)
+            r = torch.floor((budget[:, None] - kt[None, :] * out_f) / (in_f + out_f) + 1e-9)
+            feasible = r >= 0
+            r = r.clamp(0, m).long()
+            cand = table.gather(1, r.T.contiguous()).T  # (FINE, K): error at (k_i, r)
+            cand[~feasible] = float("inf")
+            err, best = cand.min(1)
+            rank = r.gather(1, best[:, None]).squeeze(1)
+        else:
+            errs = table[:, 0]
+            cs = torch.tensor([1 - k / in_f for k in ks], dtype=torch.float64).flip(0)
+            err = _interp(cs, errs.flip(0), fine_s)
+            rank = None
+        curves.append(Curve(name, kind, method, in_f, out_f, float(in_f * out_f), err, rank, group,
+                            depth[name], lin_gating))
+    stats.cache[key] = curves
+    return curves
+
+
+# --------------------------------------------------------------------------- allocations
+def _check_budget(curves: List[Curve], target: float):
+    total = sum(c.dense for c in curves)
+    reachable = sum(c.dense * c.max_index / FINE for c in curves) / total
+    if target > reachable + 1e-12:
+        raise ValueError(f"model-level sparsity {target} is out of reach of these layers (at most {reachable:.3f})")
+
+
+def uniform(curves: List[Curve], target: float) -> dict:
+    """Every layer at the budget; rsparse layers at the rank of least error for it."""
+    s = [float(target)] * len(curves)
+    return {"sparsity": s, "rank": [c.rank_at(x) for c, x in zip(curves, s)], "label": "uniform"}
+
+
+def greedy(curves: List[Curve], target: float, weights: Optional[List[float]] = None) -> dict:
+    """TEAL greedy: raise by 1/FINE the layer whose weighted error grows least per element saved."""
+    _check_budget(curves, target)
+    n = len(curves)
+    w = weights or [1.0] * n
+    total = sum(c.dense for c in curves)
+    goal = (1.0 - target) * total  # elements read
+    j = [0] * n
+    s = [0.0] * n
+    read = total
+    heap = []
+
+    def push(i):
+        c = curves[i]
+        if j[i] + 1 > c.max_index:
+            return
+        step = c.dense / FINE
+        cost = w[i] * float(c.err[j[i] + 1] - c.err[j[i]]) / step
+        heapq.heappush(heap, (cost, i))
+
+    for i in range(n):
+        push(i)
+    while read > goal + 1e-9 and heap:
+        _cost, i = heapq.heappop(heap)
+        step = curves[i].dense / FINE
+        if read - step <= goal:
+            s[i] = (j[i] + (read - goal) / step) / FINE
+            read = goal
+            break
+        j[i] += 1
+        s[i] = j[i] / FINE
+        read -= step
+        push(i)
+    return {"sparsity": s, "rank": [c.rank_at(x) for c, x in zip(curves, s)], "label": "greedy"}
+
+
+def allocation_sparsity(curves: List[Curve], alloc: dict) -> float:
+    """Nominal model-level sparsity of an allocation (before rounding channels)."""
+    total = sum(c.dense for c in curves)
+    return 1.0 - sum(c.dense * (1 - s) for c, s in zip(curves, alloc["sparsity"])) / total
+
+
+# --------------------------------------------------------------------------- search
+def _kl_loss(model, stats, cal, config) -> float:
+    from .patch import sparsify, unsparsify
+
+    sparsify(model, config, calibration=cal, progress=False)
+    try:
+        device = next(model.parameters()).device
+        total = 0.0
+        count = 0
+        for ids, dense in zip(stats.kl_inputs, stats.kl_dense):
+            logp = F.log_softmax(model(ids.unsqueeze(0).to(device)).logits[0].float(), -1).cpu()
+            total += float((dense.exp() * (dense - logp)).sum())
+            count += len(ids)
+        return total / max(count, 1)
+    finally:
+        unsparsify(model)
+
+
+def shaped(curves: List[Curve], target: float, offsets: Dict[str, float], tilt: float = 0.0,
+           rank_scale: float = 1.0, label: str = "shaped") -> dict:
+    """``s_l = S + offsets[group] + tilt * (depth - 1/2) + c``, clipped to each layer's range, with the
+    constant ``c`` (bisection) that meets the budget exactly; rsparse ranks scaled by ``rank_scale``."""
+    total = sum(c.dense for c in curves)
+    base = [target + offsets.get(c.group, 0.0) + tilt * (c.depth - 0.5) for c in curves]
+    hi_s = [c.max_index / FINE for c in curves]
+
+    def saved(shift):
+        return sum(c.dense * min(h, max(0.0, b + shift)) for c, b, h in zip(curves, base, hi_s))
+
+    goal = target * total
+    lo, hi = -2.0, 2.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if saved(mid) < goal:
+            lo = mid
+        else:
+            hi = mid
+    s = [min(h, max(0.0, b + hi)) for b, h in zip(base, hi_s)]
+    # exact: spread the rounding residue of the bisection over the layers not at a bound
+    residue = goal - sum(c.dense * x for c, x in zip(curves, s))
+    free = [i for i, x in enumerate(s) if 0.0 < x < hi_s[i]]
+    if free and abs(residue) > 0:
+        room = sum(curves[i].dense for i in free)
+        for i in free:
+            s[i] = min(hi_s[i], max(0.0, s[i] + residue / room))
+    ranks = []
+    for c, x in zip(curves, s):
+        r = c.rank_at(x)
+        if c.rank is not None and r and rank_scale != 1.0:
+            limit = int((1 - x) * c.in_features * c.out_features / (c.in_features + c.out_features))
+            r = max(0, min(limit, min(c.in_features, c.out_features), int(round(r * rank_scale))))
+        ranks.append(r)
+    return {"sparsity": s, "rank": ranks, "label": label}
+
+
+@torch.no_grad()
+def search(model: nn.Module, stats, curves: List[Curve], config: SparsityConfig, *, iterations: Optional[int] = None,
+           time_budget_s: Optional[float] = None, sigma: float = 0.06, progress: bool = True):
+    """Evolutionary (1+1) search of the allocation, scored by logits KL against the dense model.
+
+    A candidate shifts each projection type's sparsity (gate/up/down/q/k/v/o)
+    by an offset, tilts sparsity with depth, scales the rsparse ranks chosen
+    by the layer-local error table, and meets the budget exactly (`shaped`).
+    Uniform and greedy are scored first, so the result never has a higher
+    calibration KL than either.  Returns ``(allocation, info)``; reproducible
+    with ``config.seed`` when ``iterations`` (default 16 candidates), not
+    ``time_budget_s`` (default 120 s), ends it.
+    """
+    iterations = 16 if iterations is None else int(iterations)
+    time_budget_s = 120.0 if time_budget_s is None else float(time_budget_s)
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(int(config.seed))
+    groups = sorted({c.group for c in curves})
+    has_rank = any(c.rank is not None for c in curves)
+    dims = len(groups) + 1 + (1 if has_rank else 0)
+    scales = torch.tensor([sigma] * len(groups) + [2 * sigma] + ([0.4] if has_rank else []))
+    target = config.sparsity
+    history = []
+
+    def decode(theta):
+        offsets = {g: float(theta[i]) for i, g in enumerate(groups)}
+        tilt = float(theta[len(groups)])
+        rank_scale = math.exp(float(theta[-1])) if has_rank else 1.0
+        return shaped(curves, target, offsets, tilt, rank_scale, label="search")
+
+    def score(alloc, label):
+        cal = to_calibration(model, stats, curves, alloc, config)
+        loss = _kl_loss(model, stats, cal, config)
+        history.append({"label": label, "kl": loss})
+        return loss
+
+    bar = tqdm(total=iterations, desc=f"allocation search ({config.method} {target:.0%})", disable=not progress)
+    best_theta = torch.zeros(dims)
+    best = uniform(curves, target)
+    best_loss = kl_uniform = score(best, "uniform")
+    bar.update(1)
+    done = 1
+    kl_greedy = None
+    if done < iterations and time.time() - t0 < time_budget_s:
+        g = greedy(curves, target)
+        kl_greedy = score(g, "greedy")
+        done += 1
+        bar.update(1)
+        if kl_greedy < best_loss:
+            best, best_loss = g, kl_greedy
+    step = 1.0
+    while done < iterations and time.time() - t0 < time_budget_s:
+        theta = best_theta + step * scales * torch.randn(dims, generator=gen)
+        alloc = decode(theta)
+        loss = score(alloc, f"es{done}")
+        done += 1
+        bar.update(1)
+        if loss < best_loss:
+            best, best_loss, best_theta = alloc, loss, theta
+            step = min(2.0, step * 1.5)
+        else:
+            step = max(0.2, step * 0.85)
+        bar.set_postfix(kl=f"{best_loss:.4f}")
+    bar.close()
+    best = dict(best)
+    best["label"] = "search"
+    info = {
+        "kl_best": best_loss, "kl_greedy": kl_greedy, "kl_uniform": kl_uniform, "candidates": done,
+        "offsets": {g: float(best_theta[i]) for i, g in enumerate(groups)}, "tilt": float(best_theta[len(groups)]),
+        "rank_scale": math.exp(float(best_theta[-1])) if has_rank else None,
+        "seconds": round(time.time() - t0, 2), "history": history,
+    }
+    return best, info
+
+
+# --------------------------------------------------------------------------- calibration
+def to_calibration(model: nn.Module, stats, curves: List[Curve], alloc: dict, config: SparsityConfig):
+    """The `Calibration` of an allocation: per layer "sparsity", and "rank"/"A"/"B" (rsparse) or "threshold"."""
+    from .calibrate import Calibration, _threshold_for
+
+    layers = {}
+    read = dense = 0.0
+    for c, s, r in zip(curves, alloc["sparsity"], alloc["rank"]):
+        st = stats.layers[c.name]
+        entry = {"sparsity": float(s)}
+        if c.kind == "mlp":
+            entry["drop"] = 1.5 * s
+            entry["threshold"] = _threshold_for(st, 1.5 * s, config, False)
+            read += c.dense * (1 - s)
+        else:
+            method = "topk" if config.method == "gate" else config.method
+            budget = (1 - s) * c.in_features * c.out_features
+            if method == "rsparse":
+                U, S, Vh = stats.cache["svd"][c.name]
+                W = model.get_submodule(c.name).weight
+                root = S[:r].sqrt()
+                entry["rank"] = int(r)
+                entry["A"] = (Vh[:r].T * root).to(W.device, W.dtype).contiguous()
+                entry["B"] = (root[:, None] * U[:, :r].T).to(W.device, W.dtype).contiguous()
+                active = (budget - r * (c.in_features + c.out_features)) / c.out_features
+                if c.gating == "threshold":
+                    entry["drop"] = max(0.0, 1.0 - active / c.in_features)
+                    entry["threshold"] = _threshold_for(st, entry["drop"], config, config.use_importance)
+                else:
+                    active = math.floor(active + 1e-9)
+            elif method == "threshold":
+                entry["drop"] = s
+                entry["threshold"] = _threshold_for(st, s, config, config.use_importance)
+                active = (1 - s) * c.in_features
+            else:
+                active = math.floor((1 - s) * c.in_features + 1e-9)
+            read += ref.linear_read_elements(c.in_features, c.out_features, active, int(r or 0))
+        layers[c.name] = entry
+        dense += c.dense
+    meta = {"achieved_sparsity": 1.0 - read / dense if dense else 0.0,
+            "nominal_sparsity": allocation_sparsity(curves, alloc), "allocation_label": alloc.get("label")}
+    return Calibration(layers=layers, meta=meta)

@@ -1,0 +1,238 @@
+"""Calibration (issue 4): thresholds, allocation under one budget, search, bounded statistics."""
+
+import math
+import time
+
+import pytest
+import torch
+
+import sparse_infer as si
+from sparse_infer import SparsityConfig
+from sparse_infer import reference as ref
+from sparse_infer.calibrate import (
+    CalibrationStats, chan_quantiles, collect_stats, calibrate, default_calibration_data, hist_quantile, _hist, _log_abs,
+)
+from sparse_infer.models import tiny_model
+from sparse_infer.modules import SparseGatedMLP
+
+
+def _data(seed, n=8, length=64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 128, (length,), generator=g) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+def _measured(model, data):
+    mods = si.sparse_modules(model)
+    for m in mods.values():
+        m.record_stats = True
+        m.reset_stats()
+    with torch.no_grad():
+        for ids in data:
+            model(ids.unsqueeze(0))
+    return mods
+
+
+def _achieved(model):
+    """Model-level sparsity from the planned k and rank, counted with reference.linear_read_elements."""
+    layers, mlp_read, mlp_dense = [], 0.0, 0.0
+    for m in si.sparse_modules(model).values():
+        if isinstance(m, SparseGatedMLP):
+            mlp_read += m.read_elements(m.k / m.width if m.k is not None else None)
+            mlp_dense += m.dense_elements()
+        else:
+            active = m.k if m.k is not None else m.nominal_density * m.in_features
+            layers.append((m.in_features, m.out_features, active, m.rank))
+    read = sum(ref.linear_read_elements(*t) for t in layers) + mlp_read
+    dense = sum(i * o for i, o, _, _ in layers) + mlp_dense
+    return 1 - read / dense, layers, dense
+
+
+def test_histogram_quantile_matches_exact():
+    x = torch.randn(20000).abs() * 3
+    h = _hist(_log_abs(x))
+    for q in (0.1, 0.5, 0.7, 0.95):
+        t = hist_quantile(h, q)
+        assert abs(float((x <= t).float().mean()) - q) < 0.005
+    per = torch.randn(4000, 5).abs() * torch.tensor([0.01, 0.1, 1, 10, 100])
+    from sparse_infer.calibrate import _chan_hist
+
+    t = chan_quantiles(_chan_hist(_log_abs(per), 5), 0.5)
+    frac = (per <= t).float().mean(0)
+    assert torch.all((frac - 0.5).abs() < 0.03), frac
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("target", [0.5, 0.7])
+def test_thresholds_hit_target_on_held_out_tokens(model, per_channel, target):
+    cfg = SparsityConfig(method="threshold", sparsity=target, targets="all", per_channel=per_channel)
+    cal = calibrate(model, _data(0, 48, 32), cfg, progress=False)
+    si.sparsify(model, cfg, calibration=cal, progress=False)
+    try:
+        mods = _measured(model, _data(1, 48, 32))  # held out: other tokens than the calibration ones
+        for name, m in mods.items():
+            assert abs((1 - m.measured_density) - target) <= 0.02, (name, m.measured_density)
+        assert abs(si.model_sparsity(model, measured=True) - target) <= 0.02
+    finally:
+        si.unsparsify(model)
+
+
+def test_gate_thresholds_hit_target(model):
+    cfg = SparsityConfig(method="gate", sparsity=0.5, targets="mlp")
+    cal = calibrate(model, _data(0, 48, 32), cfg, progress=False)
+    si.sparsify(model, cfg, calibration=cal, progress=False)
+    try:
+        mods = _measured(model, _data(1, 48, 32))
+        for m in mods.values():
+            assert abs(m.measured_density - (1 - 1.5 * 0.5)) <= 0.02
+    finally:
+        si.unsparsify(model)
+
+
+@pytest.mark.parametrize("method", ["topk", "rsparse", "rsparse-topk", "threshold", "gate"])
+@pytest.mark.parametrize("allocation", ["greedy", "search"])
+def test_allocation_meets_budget_within_one_channel_per_layer(model, method, allocation):
+    method, _, gating = method.partition("-")
+    target = 0.4 if method == "gate" else 0.6
+    cfg = SparsityConfig(method=method, sparsity=target, targets="all", allocation=allocation, seed=3)
+    cal = calibrate(model, _data(0), cfg, progress=False, quick=True, gating=gating or None)
+    sparsities = [v["sparsity"] for v in cal.layers.values()]
+    assert max(sparsities) - min(sparsities) > 0.01  # not uniform
+    si.sparsify(model, cfg, calibration=cal, progress=False)
+    try:
+        achieved, layers, dense = _achieved(model)
+        one_channel_per_layer = sum(o for _, o, _, _ in layers) / dense
+        assert target - 1e-9 <= achieved <= target + one_channel_per_layer + 1e-9
+        assert abs(cal.meta["achieved_sparsity"] - achieved) < 1e-9
+        assert target - 1e-9 <= si.model_sparsity(model) <= target + one_channel_per_layer + 1e-9
+        if method == "rsparse":
+            for m in si.sparse_modules(model).values():
+                budget = (1 - cal.layers[_name(model, m)]["sparsity"]) * m.in_features * m.out_features
+                active = m.k if m.k is not None else m.nominal_density * m.in_features
+                assert active * m.out_features + m.rank * (m.in_features + m.out_features) <= budget + 1e-6
+    finally:
+        si.unsparsify(model)
+
+
+def _name(model, module):
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def test_search_beats_greedy_and_uniform_on_calibration_kl_and_is_reproducible(model):
+    cfg = SparsityConfig(method="rsparse", sparsity=0.6, targets="mlp", allocation="search", seed=7)
+    a = calibrate(model, _data(0), cfg, progress=False, quick=True, iterations=6)
+    s = a.meta["search"]
+    assert s["kl_best"] <= s["kl_greedy"] and s["kl_best"] <= s["kl_uniform"]
+    assert s["candidates"] == 6
+    b = calibrate(model, a.stats, cfg, progress=False, quick=True, iterations=6)
+    assert [v["sparsity"] for v in a.layers.values()] == [v["sparsity"] for v in b.layers.values()]
+    assert [v["rank"] for v in a.layers.values()] == [v["rank"] for v in b.layers.values()]
+
+
+def _lowrank_model(rank=8, noise=0.02):
+    """A tiny model whose MLP weights are nearly rank ``rank``: the low-rank path pays off there."""
+    model = tiny_model("llama", seed=5)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                o, i = lin.weight.shape
+                lr = torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g) / math.sqrt(rank * i)
+                lin.weight.copy_(lr + noise * torch.randn(o, i, generator=g) / math.sqrt(i))
+    return model
+
+
+def test_rsparse_factors_and_ranks():
+    model = _lowrank_model()
+    cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="uniform")
+    cal = calibrate(model, _data(0), cfg, progress=False)
+    assert all(e["rank"] > 0 for e in cal.layers.values())
+    for name, e in cal.layers.items():
+        W = model.get_submodule(name).weight
+        assert e["A"].dtype == W.dtype and e["A"].shape == (W.shape[1], e["rank"]) and e["B"].shape == (e["rank"], W.shape[0])
+        A, B = ref.lowrank_factors(W, e["rank"])
+        torch.testing.assert_close(e["A"] @ e["B"], A @ B, atol=1e-4, rtol=1e-3)
+
+
+def test_stats_are_bounded_and_reusable(model):
+    cfg = SparsityConfig(method="threshold", sparsity=0.5, targets="mlp")
+    small = collect_stats(model, _data(0, n=2), cfg, progress=False, reservoir=32)
+    big = collect_stats(model, _data(0, n=12), cfg, progress=False, reservoir=32)
+    for name in small.layers:
+        assert small.layers[name].hist_abs.shape == big.layers[name].hist_abs.shape
+        assert big.layers[name].sample.shape[0] == 32
+        assert big.layers[name].tokens == 12 * 64
+    assert isinstance(big, CalibrationStats)
+    # another level from the same statistics: no forward pass
+    calls = []
+    h = model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        cal = calibrate(model, big, cfg.replace(sparsity=0.7), progress=False, refine_rounds=0)
+    finally:
+        h.remove()
+    assert not calls and cal.layers
+    with pytest.raises(ValueError, match="collected for"):
+        calibrate(model, big, cfg.replace(method="gate", sparsity=0.3), progress=False)
+
+
+def test_calibration_is_seeded(model):
+    cfg = SparsityConfig(method="topk", sparsity=0.5, targets="mlp", allocation="greedy", seed=1)
+    a = calibrate(model, _data(0), cfg, progress=False, reservoir=64)
+    b = calibrate(model, _data(0), cfg, progress=False, reservoir=64)
+    assert [v["sparsity"] for v in a.layers.values()] == [v["sparsity"] for v in b.layers.values()]
+
+
+class _CharTokenizer:
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": [1 + ord(c) % 127 for c in text]}
+
+
+def test_bad_data_is_a_clear_error(model):
+    cfg = SparsityConfig(method="threshold", sparsity=0.5)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(model, [], cfg, progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        calibrate(model, ["some text"], cfg, progress=False)
+    with pytest.raises(ValueError, match="token ids"):
+        calibrate(model, [torch.randn(10)], cfg, progress=False)
+    si.sparsify(model, SparsityConfig(), progress=False)
+    try:
+        with pytest.raises(ValueError, match="dense model"):
+            calibrate(model, _data(0), cfg, progress=False)
+    finally:
+        si.unsparsify(model)
+    with pytest.raises(ValueError, match="out of reach"):
+        calibrate(model, _data(0), SparsityConfig(method="topk", sparsity=0.995, allocation="greedy"), progress=False)
+
+
+def test_strings_with_tokenizer(model):
+    cfg = SparsityConfig(method="threshold", sparsity=0.5)
+    cal = calibrate(model, ["The quick brown fox jumps over the lazy dog. " * 8], cfg, progress=False, tokenizer=_CharTokenizer())
+    assert cal.meta["calibration"]["calibration_tokens"] == 45 * 8
+
+
+def test_default_data_comes_from_the_calibration_tail(model):
+    pytest.importorskip("sparse_infer.data")
+    try:
+        data = default_calibration_data(_CharTokenizer(), num_samples=2, seq_len=32)
+    except FileNotFoundError:
+        pytest.skip("no WikiText-2 text here")
+    lo, hi = data.meta["calib_token_range"]
+    assert data.meta["eval_token_range"][1] <= lo < hi
+    cfg = SparsityConfig(method="threshold", sparsity=0.5)
+    cal = calibrate(model, data, cfg, progress=False)
+    split = cal.meta["calibration"]["split"]
+    assert split["calib_token_range"] == [lo, hi] and len(split["text_sha256"]) == 64
+
+
+def test_sparsify_calibrates_from_token_ids_and_is_fast(model):
+    t = time.time()
+    cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="all", allocation="search")
+    cal = calibrate(model, _data(0), cfg, progress=False, quick=True)
+    si.sparsify(model, cfg, calibration=cal, progress=False)
+    si.unsparsify(model)
+    assert time.time() - t < 30

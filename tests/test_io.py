@@ -1,0 +1,167 @@
+"""save_sparsity / load_sparsity / sparsify(calibration=path): safe, checked round trips."""
+
+import json
+
+import pytest
+import torch
+
+import sparse_infer as si
+from sparse_infer import SparsityConfig
+from sparse_infer.calibrate import calibrate
+from sparse_infer.io import FORMAT_VERSION, load_calibration
+from sparse_infer.models import tiny_model
+
+
+def _data(seed, n=6, length=48):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 128, (length,), generator=g) for _ in range(n)]
+
+
+IDS = torch.randint(1, 128, (2, 24), generator=torch.Generator().manual_seed(9))
+
+CASES = {
+    "rsparse-search": dict(method="rsparse", sparsity=0.5, targets="all", allocation="search"),
+    "threshold-per-channel-greedy": dict(method="threshold", sparsity=0.6, targets="mlp", allocation="greedy", per_channel=True),
+    "gate": dict(method="gate", sparsity=0.4, targets="all"),
+    "topk-greedy": dict(method="topk", sparsity=0.5, targets="attn", allocation="greedy"),
+    "rsparse-uniform-shared": dict(method="rsparse", sparsity=0.7, targets="mlp", mode="shared"),
+}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def saved(model, tmp_path_factory):
+    """Each case calibrated, patched, its logits recorded and saved; the model left dense."""
+    out = {}
+    for name, kw in CASES.items():
+        cfg = SparsityConfig(**kw)
+        cal = calibrate(model, _data(0), cfg, progress=False, quick=True)
+        si.sparsify(model, cfg, calibration=cal, progress=False)
+        with torch.no_grad():
+            logits = model(IDS).logits
+        path = tmp_path_factory.mktemp(name)
+        si.save_sparsity(model, path)
+        si.unsparsify(model)
+        out[name] = (cfg, logits, path)
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_save_load_identical_logits(model, saved, case):
+    cfg, logits, path = saved[case]
+    si.load_sparsity(model, path)
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, logits)
+        si.load_sparsity(model, path)  # an already patched model that matches: checked, kept
+    finally:
+        si.unsparsify(model)
+    si.sparsify(model, cfg, calibration=str(path), progress=False)  # the path form of sparsify
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, logits)
+    finally:
+        si.unsparsify(model)
+
+
+def test_file_contents(saved):
+    _cfg, _logits, path = saved["rsparse-search"]
+    doc = json.loads((path / "sparsity.json").read_text())
+    assert doc["version"] == FORMAT_VERSION and doc["model"]["class"] == "LlamaForCausalLM"
+    assert doc["method"] == "rsparse" and doc["budget_sparsity"] == 0.5
+    assert abs(doc["achieved_sparsity"] - 0.5) < 0.05
+    layer = doc["layers"]["model.layers.0.mlp.down_proj"]
+    assert (layer["in"], layer["out"]) == (160, 64) and "rank" in layer
+    assert doc["calibration"]["calibration"]["calibration_tokens"] == 6 * 48  # the split / data record
+    assert doc["calibration"]["search"]["kl_best"] <= doc["calibration"]["search"]["kl_greedy"]
+    raw = (path / "sparsity.safetensors").read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    assert json.loads(raw[8:8 + header_len])["__metadata__"]["format"] == "sparse-infer/sparsity"  # plain safetensors
+
+
+def _untouched(model):
+    assert not si.sparse_modules(model)
+
+
+@pytest.mark.parametrize("other, match", [
+    (lambda: tiny_model("qwen2"), "made for a LlamaForCausalLM"),
+    (lambda: tiny_model("llama", intermediate_size=96), "160x64 in the file but linear 96x64"),
+    (lambda: tiny_model("llama", num_hidden_layers=3), "other layers"),
+    (lambda: tiny_model("llama", seed=1), "another checkpoint"),
+])
+def test_wrong_model_is_rejected(saved, other, match):
+    m = other()
+    _cfg, _logits, path = saved["rsparse-search"]
+    with pytest.raises(ValueError, match=match):
+        si.load_sparsity(m, path)
+    _untouched(m)
+    with pytest.raises(ValueError, match=match):
+        si.sparsify(m, SparsityConfig(**CASES["rsparse-search"]), calibration=path, progress=False)
+    _untouched(m)
+
+
+def test_config_mismatch_and_patched_mismatch(model, saved):
+    _cfg, _logits, path = saved["rsparse-search"]
+    with pytest.raises(ValueError, match="method='rsparse'"):
+        load_calibration(model, path, SparsityConfig(method="topk", targets="all"))
+    si.sparsify(model, SparsityConfig(method="rsparse", sparsity=0.5, targets="all"), progress=False)
+    try:
+        with pytest.raises(ValueError, match="patched differently|other"):
+            si.load_sparsity(model, path)
+    finally:
+        si.unsparsify(model)
+
+
+def test_corrupted_and_unknown_version(model, saved, tmp_path):
+    import shutil
+
+    _cfg, _logits, path = saved["gate"]
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    t = bad / "sparsity.safetensors"
+    t.write_bytes(t.read_bytes()[:-7])
+    with pytest.raises(ValueError, match="corrupted"):
+        si.load_sparsity(model, bad)
+    _untouched(model)
+
+    shutil.rmtree(bad)
+    shutil.copytree(path, bad)
+    (bad / "sparsity.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        si.load_sparsity(model, bad)
+
+    shutil.rmtree(bad)
+    shutil.copytree(path, bad)
+    doc = json.loads((bad / "sparsity.json").read_text())
+    doc["version"] = 99
+    (bad / "sparsity.json").write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="format version 99"):
+        si.load_sparsity(model, bad)
+    with pytest.raises(ValueError, match="not a sparsity file"):
+        si.load_sparsity(model, tmp_path / "missing")
+    _untouched(model)
+
+
+def test_save_needs_a_patched_model(model, tmp_path):
+    with pytest.raises(ValueError, match="patched by sparse_infer.sparsify"):
+        si.save_sparsity(model, tmp_path)
+
+
+def test_single_file_form(model, tmp_path):
+    cfg = SparsityConfig(method="topk", sparsity=0.5)
+    si.sparsify(model, cfg, progress=False)
+    with torch.no_grad():
+        ref = model(IDS).logits
+    si.save_sparsity(model, tmp_path / "s.safetensors")
+    si.unsparsify(model)
+    assert (tmp_path / "s.json").is_file()
+    si.load_sparsity(model, tmp_path / "s.safetensors")
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(IDS).logits, ref)
+    finally:
+        si.unsparsify(model)

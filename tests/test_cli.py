@@ -1,0 +1,146 @@
+"""`sparse-infer eval` end to end on a tiny random model saved to disk, and its error handling."""
+
+import csv
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+
+from sparse_infer.cli import main
+
+
+def _byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.eos_token = tok.pad_token = "!"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with a byte-level tokenizer (256 tokens), as `--model` reads it."""
+    from sparse_infer.models import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", vocab_size=256).save_pretrained(d)
+    _byte_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    rng = random.Random(1)
+    words = "the of and a to in is was on for as with by he at from his an were are which this be".split()
+    p = tmp_path_factory.mktemp("text") / "short.txt"
+    p.write_text(" ".join(rng.choice(words) for _ in range(1200)), encoding="utf-8")
+    return str(p)
+
+
+def small(model_dir, text_file, out, *extra):
+    return ["eval", "--model", model_dir, "--text-file", text_file, "--out", str(out), "--quick",
+            "--window", "32", "--windows", "4", "--calib-windows", "2", "--search-iterations", "2", *extra]
+
+
+def test_eval_quick_writes_table_and_results(model_dir, text_file, tmp_path, capsys):
+    rc = main(small(model_dir, text_file, tmp_path / "res", "--no-progress"))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    table = [line for line in out.splitlines() if line.startswith("|")]
+    # header, rule, dense + topk/threshold/gate/rsparse at 50 %
+    assert len(table) == 2 + 5
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["dense", "topk", "threshold", "gate", "rsparse"]
+    with open(tmp_path / "res" / "eval.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 5
+    dense = rows[0]
+    assert float(dense["kl"]) == 0.0 and float(dense["top1"]) == 1.0
+    for r in rows[1:]:
+        assert abs(float(r["sparsity"]) - 0.5) <= 0.02, r
+        assert r["model"] == model_dir and r["window"] == "32" and r["seed"] == "0" and r["device"] == "cpu"
+    meta = json.loads((tmp_path / "res" / "eval.json").read_text())["meta"]
+    assert meta["quick"] is True and meta["command"].startswith("sparse-infer eval")
+    assert (tmp_path / "res" / "eval_ppl.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_eval_protocols_and_shared_mode(model_dir, text_file, tmp_path, capsys):
+    rc = main(small(model_dir, text_file, tmp_path / "res", "-q", "--no-plot", "--methods", "dense,topk",
+                    "--protocols", "all,decode", "--modes", "per_token,shared", "--batch-sizes", "1,2,4"))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert err == ""  # --quiet: nothing but the table
+    with open(tmp_path / "res" / "eval.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    # dense x 2 protocols; topk: per-token + shared at 3 batch sizes, x 2 protocols
+    assert len(rows) == 2 + 4 * 2
+    assert {(r["mode"], r["batch_size"]) for r in rows if r["method"] == "topk"} == {
+        ("per_token", "1"), ("shared", "1"), ("shared", "2"), ("shared", "4")}
+    assert not (tmp_path / "res" / "eval_ppl.png").exists()
+    assert "| Protocol |" in out.splitlines()[0] or "Protocol" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "dense,magic"], "unknown method 'magic'"),
+    (["--sparsities", "0.5,1.0"], "sparsity must lie in [0, 1)"),
+    (["--sparsities", "abc"], "sparsity"),
+    (["--protocols", "prefill"], "unknown protocol"),
+])
+def test_bad_arguments_exit_cleanly(args, message, tmp_path, capsys):
+    rc = main(["eval", "--out", str(tmp_path), *args])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    assert message in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_text_too_short(model_dir, tmp_path, capsys):
+    p = tmp_path / "short.txt"
+    p.write_text("hello world", encoding="utf-8")
+    rc = main(small(model_dir, str(p), tmp_path / "res", "--no-progress"))
+    _, err = capsys.readouterr()
+    assert rc == 2 and "too short for one window" in err and "Traceback" not in err
+
+
+def test_missing_text_file(model_dir, tmp_path, capsys):
+    rc = main(small(model_dir, str(tmp_path / "nope.txt"), tmp_path / "res"))
+    _, err = capsys.readouterr()
+    assert rc == 2 and "does not exist" in err
+
+
+def test_unsupported_model_family(text_file, tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(d)
+    _byte_tokenizer().save_pretrained(d)
+    rc = main(small(str(d), text_file, tmp_path / "res", "--no-progress"))
+    _, err = capsys.readouterr()
+    assert rc == 2 and "not supported by sparse-infer" in err
+    assert len(err.strip().splitlines()) <= 3  # the log line of the load, then the one error line
+
+
+def test_missing_model_path(text_file, tmp_path, capsys):
+    rc = main(small(str(tmp_path / "no-such-model"), text_file, tmp_path / "res", "--no-progress"))
+    _, err = capsys.readouterr()
+    assert rc == 2 and "could not load model" in err and "Traceback" not in err
+
+
+def test_no_subcommand_prints_help(capsys):
+    assert main([]) == 2
+    assert "eval" in capsys.readouterr().err
+
+
+def test_console_script_exit_status(tmp_path):
+    """The installed entry point: a bad method exits non-zero with one line on stderr."""
+    proc = subprocess.run([sys.executable, "-m", "sparse_infer.cli", "eval", "--methods", "nope", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("sparse-infer eval: error: unknown method 'nope'")
+    assert "Traceback" not in proc.stderr

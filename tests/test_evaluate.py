@@ -1,0 +1,218 @@
+"""`sparse_infer.evaluate` and `sparse_infer.report` on a tiny random model and a short text (seconds, CPU)."""
+
+import csv
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from sparse_infer import report
+from sparse_infer.evaluate import EvalError, EvalSettings, evaluate, weight_read_fraction
+from sparse_infer.models import tiny_model
+
+METHODS = ("dense", "topk", "threshold", "gate", "rsparse")
+
+
+class ByteTokenizer:
+    """Each UTF-8 byte one token: enough for a 256-token tiny model."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def short_text(n_words=1200, seed=0):
+    rng = random.Random(seed)
+    words = "the of and a to in is was on for as with by he at from his an were are which this be".split()
+    return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "short.txt"
+    p.write_text(short_text(), encoding="utf-8")
+    return str(p)
+
+
+def run(text_file, **kw):
+    kw.setdefault("window", 32)
+    kw.setdefault("windows", 4)
+    kw.setdefault("calib_windows", 2)
+    kw.setdefault("search_iterations", 3)
+    kw.setdefault("calib_quick", True)
+    model = tiny_model("llama", vocab_size=256)
+    return evaluate(model, tokenizer=ByteTokenizer(), text_file=text_file, progress=False, **kw)
+
+
+@pytest.fixture(scope="module")
+def grid(text_file):
+    return run(text_file, methods=METHODS, sparsities=(0.3, 0.5, 0.7), protocols=("all", "decode"))
+
+
+def test_grid_shape(grid):
+    # dense: one row per protocol; 4 methods x 3 levels x 2 protocols
+    assert len(grid) == 2 + 4 * 3 * 2
+    assert [r["method"] for r in grid[:2]] == ["dense", "dense"]
+    keys = {(r["method"], r["target"], r["protocol"]) for r in grid}
+    assert len(keys) == len(grid)
+    table = report.markdown_table(grid)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(grid)
+    assert len({line.count("|") for line in lines}) == 1  # every line has the same number of columns
+
+
+def test_dense_rows_are_the_reference(grid):
+    for r in grid:
+        if r["method"] == "dense":
+            assert r["kl"] == 0.0 and r["top1"] == 1.0
+            assert r["sparsity"] == 0.0 and r["bytes_rel"] == 1.0
+            assert math.isfinite(r["ppl"]) and r["n_tokens"] > 0
+
+
+def test_gate_above_two_thirds_is_na(grid):
+    na = [r for r in grid if r["status"] != "ok"]
+    assert {(r["method"], r["target"]) for r in na} == {("gate", 0.7)}
+    assert all(math.isnan(r["ppl"]) for r in na)
+    assert "| n/a |" in report.markdown_table(grid)
+
+
+def test_measured_sparsity_near_target(grid):
+    for r in grid:
+        if r["method"] == "dense" or r["status"] != "ok":
+            continue
+        assert abs(r["sparsity"] - r["target"]) <= 0.02 + 1e-9 or (r["method"] == "threshold" and r["target"] == 0.7), r
+        if r["target"] <= 0.5:
+            assert abs(r["sparsity"] - r["target"]) <= 0.02, r
+        # MLP-only sparsity skips only the MLP's share of the model's weight bytes
+        assert r["sparsity"] > 0 and 1.0 - r["sparsity"] < r["bytes_rel"] < 1.0
+        assert r["kl"] > 0 and 0.0 < r["top1"] <= 1.0
+
+
+def test_scored_tokens(grid):
+    n_all = 4 * 31  # 4 windows of 32: 31 next-token predictions each
+    n_decode = 4 * (31 - 16)  # second half only
+    for r in grid:
+        if r["status"] == "ok":
+            assert r["n_tokens"] == (n_all if r["protocol"] == "all" else n_decode)
+
+
+def test_topk_at_zero_sparsity_equals_dense(text_file):
+    rows = run(text_file, methods=("dense", "topk"), sparsities=(0.0,))
+    dense, topk = rows
+    assert topk["kl"] == 0.0 and topk["top1"] == 1.0
+    assert topk["ppl"] == pytest.approx(dense["ppl"], rel=1e-6)
+
+
+def test_deterministic(text_file):
+    a = run(text_file, methods=("dense", "threshold", "rsparse"), sparsities=(0.5,))
+    b = run(text_file, methods=("dense", "threshold", "rsparse"), sparsities=(0.5,))
+    for x, y in zip(a, b):
+        for k in ("ppl", "kl", "top1", "sparsity", "bytes_rel"):
+            assert x[k] == y[k], k
+
+
+def test_shared_mode_batches(text_file):
+    rows = run(text_file, methods=("dense", "topk"), sparsities=(0.5,), modes=("per_token", "shared"),
+               batch_sizes=(1, 2, 4))
+    per_token = [r for r in rows if r["method"] == "topk" and r["mode"] == "per_token"]
+    shared = {r["batch_size"]: r for r in rows if r["mode"] == "shared"}
+    assert len(per_token) == 1 and sorted(shared) == [1, 2, 4]
+    # batch 1: one token per decode step, so the shared mask is the per-token mask
+    assert shared[1]["ppl"] == pytest.approx(per_token[0]["ppl"], rel=1e-5)
+    assert shared[1]["kl"] == pytest.approx(per_token[0]["kl"], rel=1e-4, abs=1e-9)
+    for b in (2, 4):  # a mask shared by different sequences fits each of them worse
+        assert shared[b]["kl"] > per_token[0]["kl"]
+        assert abs(shared[b]["sparsity"] - 0.5) <= 0.02
+    assert "Batch" in report.markdown_table(rows)
+
+
+def test_writers(grid, tmp_path):
+    paths = report.write_results(grid, tmp_path / "out", meta={"command": "test"})
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(grid)
+    for key in ("model", "text_sha256", "window", "n_tokens", "seed", "device", "version", "ppl", "kl", "top1", "sparsity"):
+        assert key in rows[0]
+    with open(paths["json"]) as f:
+        js = json.load(f)
+    assert js["meta"]["command"] == "test" and len(js["rows"]) == len(grid)
+    assert js["rows"][0]["text_sha256"] == grid[0]["text_sha256"]
+    with open(paths["plot"], "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "| Method |" in open(paths["markdown"]).read()
+
+
+def test_weight_read_fraction_dense():
+    assert weight_read_fraction(tiny_model("llama")) == 1.0
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(methods="topk,magic"), "unknown method 'magic'"),
+    (dict(sparsities=(1.0,)), r"\[0, 1\)"),
+    (dict(sparsities=(-0.1,)), r"\[0, 1\)"),
+    (dict(protocols="prefill"), "unknown protocol"),
+    (dict(modes="shared", batch_sizes=(3,), windows=4), "multiple of every batch size"),
+    (dict(window=2), "window"),
+])
+def test_bad_settings(kw, match):
+    with pytest.raises(EvalError, match=match):
+        EvalSettings(**kw)
+
+
+def test_text_too_short(tmp_path):
+    p = tmp_path / "tiny.txt"
+    p.write_text("too short", encoding="utf-8")
+    with pytest.raises(EvalError, match="too short for one window"):
+        run(str(p), methods=("dense",))
+
+
+def test_too_few_windows(text_file):
+    with pytest.raises(EvalError, match="fewer than"):
+        run(text_file, methods=("dense",), windows=10_000)
+
+
+def test_unsupported_model(text_file):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    with pytest.raises(EvalError, match="not supported"):
+        evaluate(gpt2, tokenizer=ByteTokenizer(), text_file=text_file, methods=("dense",), window=32, windows=2, progress=False)
+
+
+def test_lm_eval_harness_on_patched_model():
+    """A patched model goes into lm-evaluation-harness's HF wrapper as a model object (skipped without lm_eval)."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    import sparse_infer
+
+    model = tiny_model("llama", vocab_size=256)
+    sparse_infer.sparsify(model, sparse_infer.SparsityConfig(method="topk", sparsity=0.5))
+    lm = HFLM(pretrained=model, tokenizer=_hf_byte_tokenizer(), batch_size=1, max_length=64)
+    from lm_eval.api.instance import Instance
+
+    req = Instance(request_type="loglikelihood", doc={}, arguments=("the of and", " a"), idx=0)
+    (ll, _greedy), = lm.loglikelihood([req])
+    assert math.isfinite(ll)
+    assert sparse_infer.sparse_modules(model)
+
+
+def _hf_byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.eos_token = tok.pad_token = "!"
+    return tok
+
+
+def test_without_dense_row(text_file):
+    """The dense reference runs anyway: the sparse rows are compared with it."""
+    rows = run(text_file, methods=("topk",), sparsities=(0.5,))
+    assert [r["method"] for r in rows] == ["topk"]
+    assert rows[0]["kl"] > 0 and rows[0]["top1"] < 1

@@ -92,6 +92,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._autotune import interpreting, num_sms
+
 __all__ = ["gated_mlp", "MAX_KERNEL_TOKENS", "ACTIVATIONS"]
 
 MAX_KERNEL_TOKENS = 16
@@ -453,20 +455,6 @@ def _finalize_kernel(
 
 
 # --------------------------------------------------------------------------- launcher
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_SM_COUNT = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
 
 
 # Tiles, best of a small H100 sweep for 4096 x 14336 bf16 (M=1: gate 32x128x4 + down 64x128x4
@@ -487,7 +475,7 @@ def _check(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up
         raise TypeError(f"gated_mlp serves {_DTYPES}, got x.dtype={x.dtype}")
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., hidden)")
-    if x.device.type != "cuda" and not (_interpreting() and x.device.type == "cpu"):
+    if x.device.type != "cuda" and not (interpreting() and x.device.type == "cpu"):
         raise RuntimeError(f"the Triton gated_mlp needs CUDA tensors (got {x.device}); set TRITON_INTERPRET=1 "
                            "before importing to run it on the CPU, or use sparse_infer.reference.gated_mlp")
     hidden = x.shape[-1]
@@ -586,10 +574,10 @@ def gated_mlp(
     use_dot = M > 1
     m_pad = 16 if use_dot else 1
     mode = "dot" if use_dot else "gemv"
-    dot_f32 = x.dtype == torch.float32 or _interpreting()
+    dot_f32 = x.dtype == torch.float32 or interpreting()
     p = torch.empty((M, inter), device=dev, dtype=torch.float32)
     dummy = p  # placeholder pointer for absent optional tensors (never read)
-    interp = _interpreting()
+    interp = interpreting()
     # under the interpreter: few, large programs (its cost is per program and op)
     bn, bk, nw = (32, 32, 4) if interp else _GATE_CFG[mode]
     grid_n = (triton.cdiv(inter, bn),)
@@ -634,7 +622,7 @@ def gated_mlp(
 
     bi, bj, dw = (32, 32, 4) if interp else _DOWN_CFG[mode]
     grid_j = triton.cdiv(out_f, bj)
-    want = max(1, (4 * _num_sms(dev)) // grid_j)
+    want = max(1, (4 * num_sms(dev)) // grid_j)
     chunk = triton.cdiv(triton.cdiv(inter, want), bi) * bi
     splits = triton.cdiv(inter, chunk)
     part = torch.empty((splits, M, out_f), device=dev, dtype=torch.float32)

@@ -46,3 +46,17 @@ def smollm2():
     from sparse_infer.models import load_model
 
     return load_model(None)
+
+
+def byte_tokenizer():
+    """A tiny byte-level BPE tokenizer (no download): for CLI/eval tests on tiny models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
+    tok.eos_token = tok.pad_token = "!"
+    return tok

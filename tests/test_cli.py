@@ -9,19 +9,7 @@ import sys
 import pytest
 
 from sparse_infer.cli import main
-
-
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
-    tok.eos_token = tok.pad_token = "!"
-    return tok
+from conftest import byte_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +19,7 @@ def model_dir(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("tiny-llama")
     tiny_model("llama", vocab_size=256).save_pretrained(d)
-    _byte_tokenizer().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
     return str(d)
 
 
@@ -119,7 +107,7 @@ def test_unsupported_model_family(text_file, tmp_path, capsys):
 
     d = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=64)).save_pretrained(d)
-    _byte_tokenizer().save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
     rc = main(small(str(d), text_file, tmp_path / "res", "--no-progress"))
     _, err = capsys.readouterr()
     assert rc == 2 and "not supported by sparse-infer" in err

@@ -11,6 +11,7 @@ import torch
 from sparse_infer import report
 from sparse_infer.evaluate import EvalError, EvalSettings, evaluate, weight_read_fraction
 from sparse_infer.models import tiny_model
+from conftest import byte_tokenizer
 
 METHODS = ("dense", "topk", "threshold", "gate", "rsparse")
 
@@ -189,26 +190,13 @@ def test_lm_eval_harness_on_patched_model():
 
     model = tiny_model("llama", vocab_size=256)
     sparse_infer.sparsify(model, sparse_infer.SparsityConfig(method="topk", sparsity=0.5))
-    lm = HFLM(pretrained=model, tokenizer=_hf_byte_tokenizer(), batch_size=1, max_length=64)
+    lm = HFLM(pretrained=model, tokenizer=byte_tokenizer(), batch_size=1, max_length=64)
     from lm_eval.api.instance import Instance
 
     req = Instance(request_type="loglikelihood", doc={}, arguments=("the of and", " a"), idx=0)
     (ll, _greedy), = lm.loglikelihood([req])
     assert math.isfinite(ll)
     assert sparse_infer.sparse_modules(model)
-
-
-def _hf_byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk)
-    tok.eos_token = tok.pad_token = "!"
-    return tok
 
 
 def test_without_dense_row(text_file):

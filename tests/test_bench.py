@@ -1,0 +1,231 @@
+"""CPU tests of the benchmark scripts: argument parsing, shape tables, engines, result writers, a tiny run.
+
+The scripts live in bench/ (not a package): they are loaded by path.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load(name: str):
+    path = BENCH / f"{name}.py"
+    if not path.is_file():
+        pytest.skip(f"bench/{name}.py does not exist yet")
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    return module
+
+
+@pytest.fixture(scope="module")
+def bd():
+    return _load("bench_decode")
+
+
+# ----------------------------------------------------------------------------- bench_decode: arguments
+def test_decode_defaults(bd):
+    args = bd.parse_args([])
+    assert args.config == "llama3-8b"
+    assert args.batch == [1, 4]
+    assert args.sparsity == [0.3, 0.5, 0.7]
+    assert args.modes == ["per_token"]
+    assert args.method == "threshold" and args.targets == "all"
+    assert (args.prompt, args.new_tokens) == (128, 256)
+    assert args.dtype == "bf16" and args.engine == "native"
+    assert args.graphs == torch.cuda.is_available()  # CUDA graphs only where there is CUDA
+
+
+def test_decode_lists_and_flags(bd):
+    args = bd.parse_args(["--config", "small", "--batch", "1,4,16,32", "--sparsity", "0.5", "--modes",
+                          "per_token,shared", "--method", "topk", "--new-tokens", "16", "--prompt", "8",
+                          "--out", "x", "--no-graphs", "--device", "cpu"])
+    assert args.batch == [1, 4, 16, 32]
+    assert args.sparsity == [0.5]
+    assert args.modes == ["per_token", "shared"]
+    assert args.method == "topk" and args.graphs is False
+    assert args.argv[:2] == ["--config", "small"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--batch", "0"], ["--batch", "a,b"], ["--sparsity", "1.0"], ["--sparsity", "0"], ["--modes", "both"],
+    ["--config", "gpt2"], ["--method", "rsparse"], ["--new-tokens", "0"], ["--warmup", "0"],
+    ["--method", "gate", "--sparsity", "0.7"], ["--method", "gate", "--targets", "attn"],
+])
+def test_decode_rejects(bd, argv, capsys):
+    with pytest.raises(SystemExit):
+        bd.parse_args(argv + ["--device", "cpu"])
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llama3-8b", "llama2-7b", "small", "tiny"])
+def test_config_table(bd, name):
+    cfg = bd.llama_config(name)
+    spec = bd.CONFIGS[name]
+    assert cfg.model_type == "llama"
+    assert (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers) == (
+        spec["hidden_size"], spec["intermediate_size"], spec["num_hidden_layers"])
+    assert cfg.num_attention_heads % cfg.num_key_value_heads == 0
+    assert cfg.head_dim * cfg.num_attention_heads == cfg.hidden_size
+
+
+def test_llama3_8b_size(bd):
+    """The 8B config really is Llama-3-8B: 8.03 B parameters, counted without building it."""
+    c = bd.CONFIGS["llama3-8b"]
+    h, i, L, v = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    total = L * per_layer + 2 * v * h + h
+    assert abs(total / 1e9 - 8.03) < 0.01
+
+
+# ----------------------------------------------------------------------------- bench_decode: engines
+@pytest.fixture(scope="module")
+def tiny(bd):
+    return bd.build_model("tiny", torch.float32, "cpu", seed=1)
+
+
+@pytest.mark.parametrize("engine", ["native", "hf"])
+def test_engine_matches_hf_forward(bd, tiny, engine):
+    """Prefill and two cached decode steps give the logits of the HF forward over the whole sequence."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 9))
+    e = bd.ENGINES[engine](tiny, 2, 64)
+    with torch.no_grad():
+        e.reset()
+        got = e.prefill(ids[:, :8])
+        assert bd.rel_err(got, tiny(ids[:, :8]).logits[:, -1]) < 1e-5
+        e.set_state(ids[:, 8], 8)
+        e.step()
+        assert bd.rel_err(e.logits, tiny(ids).logits[:, -1]) < 1e-5
+        seq = torch.cat([ids, e.tok.clone()], dim=1)
+        e.step()
+        assert bd.rel_err(e.logits, tiny(seq).logits[:, -1]) < 1e-5
+        assert int(e.pos) == 10
+
+
+def test_weight_bytes(bd, tiny):
+    emb = tiny.get_input_embeddings().weight
+    total = sum(p.numel() * p.element_size() for p in tiny.parameters())
+    assert bd.decode_weight_bytes(tiny) == total - emb.numel() * emb.element_size()
+
+
+# ----------------------------------------------------------------------------- bench_decode: results
+def _fake_row(bd, **kw):
+    row = {c: None for c in bd.COLUMNS}
+    row.update(config="tiny", device="cpu", dtype="fp32", engine="native", batch=1, prompt=8, new_tokens=4,
+               method="threshold", targets="all", mode="dense", sparsity=None, tokens_per_s=10.0, ratio=1.0,
+               step_ms=100.0, graphs=False, note="")
+    row.update(kw)
+    return row
+
+
+META = {"timestamp": "2026-01-01T00:00:00Z", "device_name": "cpu", "torch": "t", "triton": "tr",
+        "transformers": "tf", "sparse_infer": "0.1", "python": "3", "cuda": "n/a", "command": "python x"}
+
+
+def test_write_results(bd, tmp_path):
+    rows = [_fake_row(bd), _fake_row(bd, mode="shared", sparsity=0.5, tokens_per_s=15.0, ratio=1.5,
+                                     measured_sparsity=0.49),
+            _fake_row(bd, mode="per_token", sparsity=0.5, tokens_per_s=None, ratio=None, note="failed: a|b")]
+    md, path = bd.write_results(rows, tmp_path, META)
+    text = Path(md).read_text()
+    assert "| 1 | shared | 0.50 | 0.490 | 15.0 | 1.50 |" in text
+    assert "failed: a/b" in text  # a pipe in a note must not break the table
+    assert "command: `python x`" in text and "device: cpu" in text
+    with open(path, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 3 and got[1]["ratio"] == "1.5" and got[0]["timestamp"] == META["timestamp"]
+    bd.write_results(rows[:1], tmp_path, META)  # appends under the same header
+    with open(path, newline="") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_csv_with_other_header_is_left_alone(bd, tmp_path):
+    (tmp_path / "decode.csv").write_text("a,b\n1,2\n")
+    _, path = bd.write_results([_fake_row(bd)], tmp_path, META)
+    assert Path(path).name != "decode.csv"
+    assert (tmp_path / "decode.csv").read_text() == "a,b\n1,2\n"
+
+
+# ----------------------------------------------------------------------------- bench_decode: end to end
+def test_tiny_end_to_end(bd, tiny, tmp_path):
+    """The whole benchmark on the CPU (reference path) in seconds: every row timed and written."""
+    argv = ["--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch", "1,2", "--sparsity", "0.5",
+            "--modes", "per_token,shared", "--method", "topk", "--prompt", "8", "--new-tokens", "3",
+            "--warmup", "1", "--measure-steps", "1", "--out", str(tmp_path), "--quiet"]
+    rows = bd.run(bd.parse_args(argv), model=tiny)
+    # dense rows first, then each (sparsity, mode) over every batch size
+    assert [(r["batch"], r["mode"]) for r in rows] == [
+        (1, "dense"), (2, "dense"), (1, "per_token"), (2, "per_token"), (1, "shared"), (2, "shared")]
+    for r in rows:
+        assert r["tokens_per_s"] > 0, r["note"]
+        assert r["graphs"] is False and r["ratio"] is not None
+        if r["mode"] != "dense":
+            assert r["weight_gb_per_step"] < rows[0]["weight_gb_per_step"]
+            assert abs(r["measured_sparsity"] - 0.5) < 1e-6  # top-k: exactly the target
+    from sparse_infer import sparse_modules
+
+    assert not sparse_modules(tiny)  # left dense
+    md = (tmp_path / "decode.md").read_text()
+    assert md.count("\n| ") == 1 + len(rows)  # header + one line per row
+    with open(tmp_path / "decode.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_main_threshold(bd, tmp_path, capsys):
+    """``main`` end to end with calibrated thresholds: builds the tiny model, prints the table."""
+    code = bd.main(["--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch", "1", "--sparsity", "0.5",
+                    "--method", "threshold", "--calib-tokens", "64", "--prompt", "4", "--new-tokens", "2",
+                    "--warmup", "1", "--measure-steps", "4", "--out", str(tmp_path), "--quiet"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "| batch | mode |" in out and "| 1 | per_token | 0.50 |" in out
+    with open(tmp_path / "decode.csv", newline="") as f:
+        sparse = [r for r in csv.DictReader(f) if r["mode"] == "per_token"]
+    assert abs(float(sparse[0]["measured_sparsity"]) - 0.5) < 0.2  # thresholds from random tokens land near
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_cuda_graphs(bd, tmp_path):
+    """On a GPU the dense and sparse steps are both captured in CUDA graphs, and a replay equals the eager step."""
+    args = bd.parse_args(["--config", "tiny", "--batch", "1,4", "--sparsity", "0.5", "--modes", "per_token,shared",
+                          "--prompt", "16", "--new-tokens", "8", "--out", str(tmp_path), "--quiet"])
+    rows = bd.run(args)
+    for r in rows:
+        assert r["graphs"] is True, r["note"]
+        assert r["graph_check"] < 2e-2
+
+
+# ----------------------------------------------------------------------------- bench_kernels (the kernel helper's)
+def test_bench_kernels_cases_and_writer(tmp_path):
+    bk = _load("bench_kernels")
+    for attr in ("parse_args", "build_cases", "write_results"):
+        if not hasattr(bk, attr):
+            pytest.skip(f"bench/bench_kernels.py has no {attr} yet")
+    cases = bk.build_cases(bk.parse_args([]))
+    assert cases and all({"in_features", "out_features", "M"} <= set(c) for c in cases)
+    assert len({tuple(sorted(c.items())) for c in cases}) == len(cases)  # no duplicate case
+    quick = bk.build_cases(bk.parse_args(["--quick"]))
+    assert 0 < len(quick) <= len(cases)
+    rows = [dict(c, dense_us=10.0, kernel_us=5.0, speedup=2.0, gpu="cpu", torch="t", triton="tr",
+                 timestamp="now") for c in quick[:3]]
+    paths = bk.write_results(rows, str(tmp_path))
+    for p in paths:
+        assert Path(p).is_file() and Path(p).stat().st_size > 0

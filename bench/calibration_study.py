@@ -1,6 +1,8 @@
 """Calibration study (issue 4): perplexity of SmolLM2-135M on held-out WikiText-2 windows at
 50 % and 70 % MLP sparsity, for top-k, calibrated thresholds (TEAL, uniform and greedy) and
 rank-aware R-Sparse (default rank split, and the searched allocation), all at the same budget.
+A method name ending in ``-act`` (``rsparse-search-act``, ``rsparse-act``) uses the
+activation-aware low-rank factor (``SparsityConfig(lowrank="activation")``).
 
     python bench/calibration_study.py                       # defaults: 50 % and 70 %
     python bench/calibration_study.py --levels 0.5 --eval-windows 8 --out results.json
@@ -75,7 +77,13 @@ def main(argv=None):
         for name in args.methods:
             method, _, alloc = name.partition("-")
             alloc = alloc or "uniform"
-            cfg = SparsityConfig(method=method, sparsity=level, targets="mlp", allocation=alloc, seed=args.seed)
+            lowrank = "svd"
+            for suffix, kind in (("-act", "activation"), ("-svd", "svd")):  # "rsparse-search-act": activation-aware factor
+                if alloc.endswith(suffix):
+                    alloc, lowrank = alloc[: -len(suffix)], kind
+            if alloc in ("act", "svd"):
+                alloc, lowrank = "uniform", {"act": "activation", "svd": "svd"}[alloc]
+            cfg = SparsityConfig(method=method, sparsity=level, targets="mlp", allocation=alloc, seed=args.seed, lowrank=lowrank)
             t0 = time.time()
             cal = None
             if cfg.needs_calibration or "-" in name:  # "rsparse-uniform": calibrated rank split and thresholds

@@ -11,7 +11,8 @@ name in ``sparse_infer.reference``):
 * ``DENSE_FALLBACK_TOKENS`` - above this many tokens per call the ops run gate + dense matmul
   (``PER_TOKEN_FALLBACK_TOKENS``: the lower cutoff for per-token masks, whose union grows with M);
   to change them at run time set ``sparse_infer.kernels.sparse_matmul.<NAME>``
-* ``gated_mlp`` - fused CATS gated MLP (kernels/gated_mlp.py)
+* ``gated_mlp`` - fused CATS gated MLP (kernels/gated_mlp.py); ``GATED_MLP_FALLBACK_TOKENS``: above
+  this many tokens the dispatch layer runs the dense path instead (measured slower at M >= 4)
 
 ``torch.ops.sparse_infer.sparse_linear`` / ``rsparse_linear`` are registered as
 custom ops (kernels/_ops.py); under ``torch.compile`` the functions above route
@@ -23,9 +24,9 @@ from .rsparse_matmul import rsparse_linear
 from .sparse_matmul import DENSE_FALLBACK_TOKENS, PER_TOKEN_FALLBACK_TOKENS, sparse_linear, to_kernel_layout
 from . import _ops  # noqa: F401  registers torch.ops.sparse_infer.sparse_linear / rsparse_linear
 
-from .gated_mlp import gated_mlp
+from .gated_mlp import GATED_MLP_FALLBACK_TOKENS, gated_mlp
 
 __all__ = [
     "sparse_linear", "rsparse_linear", "topk_gate", "threshold_gate", "topk_mask", "threshold_mask",
-    "to_kernel_layout", "DENSE_FALLBACK_TOKENS", "PER_TOKEN_FALLBACK_TOKENS", "gated_mlp",
+    "to_kernel_layout", "DENSE_FALLBACK_TOKENS", "PER_TOKEN_FALLBACK_TOKENS", "gated_mlp", "GATED_MLP_FALLBACK_TOKENS",
 ]

@@ -84,7 +84,6 @@ Limitations
 from __future__ import annotations
 
 import operator
-import os
 from typing import Optional
 
 import torch
@@ -97,6 +96,9 @@ from ._autotune import interpreting, num_sms
 __all__ = ["gated_mlp", "MAX_KERNEL_TOKENS", "ACTIVATIONS"]
 
 MAX_KERNEL_TOKENS = 16
+# The dispatch layer (sparse_infer.ops) sends calls with more tokens than this to the
+# dense path: at M = 4 and 16 the kernels were slower than cuBLAS (see the header).
+GATED_MLP_FALLBACK_TOKENS = 1
 # top-k selection: radix select by histograms (True) or a 31-step bitwise binary search
 SELECT_RADIX = False  # H100: the histogram passes took 82 us, the search 24 us (eager)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}

@@ -6,7 +6,9 @@
     sparse_infer.unsparsify(model)
 """
 
+from .calibrate import Calibration, calibrate  # the function shadows its module's name on purpose
 from .config import SparsityConfig
+from .io import load_sparsity, save_sparsity
 from .modules import RSparseLinear, SparseGatedMLP, SparseLinear
 from .patch import FAMILIES, Family, model_sparsity, register_family, sparse_modules, sparsify, unsparsify
 
@@ -25,19 +27,8 @@ __all__ = [
     "FAMILIES",
     "register_family",
     "calibrate",
+    "Calibration",
     "save_sparsity",
     "load_sparsity",
     "__version__",
 ]
-
-
-def __getattr__(name):  # heavy or optional parts load on first use
-    if name == "calibrate":
-        from .calibrate import calibrate
-
-        return calibrate
-    if name in ("save_sparsity", "load_sparsity"):
-        from . import io
-
-        return getattr(io, name)
-    raise AttributeError(f"module 'sparse_infer' has no attribute {name!r}")

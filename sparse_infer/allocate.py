@@ -84,6 +84,65 @@ def _svd(weight: torch.Tensor):
     return U, S, Vh
 
 
+ACT_EPS = 0.05  # ridge of the inactive-input covariance, relative to its mean diagonal
+ACT_MIN_FIT = 64  # reservoir rows beyond PROXY_TOKENS needed to fit the factor on rows the error is not measured on
+ACT_CACHE = 256  # activation-aware bases kept across search candidates (a few MB each)
+
+
+def activation_basis(weight: torch.Tensor, Xd: torch.Tensor, eps: float = ACT_EPS, WW: Optional[torch.Tensor] = None):
+    """Output-space basis of the activation-aware low-rank factor.
+
+    With ``C = Xd^T Xd / n + λI`` the (ridge-regularized) second moments of the inputs
+    the factor sees (``Xd``: the inactive part of the calibration rows, active
+    channels zeroed), the rank-r matrix ``W_r`` minimizing ``E ||(W - W_r) x||^2`` is
+    ``U_r U_r^T W`` with ``U_r`` the leading eigenvectors of ``W C W^T`` (the
+    whitened / SVD-LLM solution, written without inverting ``C``).  ``λ = eps · mean
+    diag(C)``, so channels never seen inactive still count (``eps → ∞``: plain SVD).
+
+    Returns float64 ``(U (out, m), s (m,), WtU (in, m))``, ``m = min(in, out)``,
+    ``s`` descending (square roots of the eigenvalues): the factors at rank r are
+    ``A = WtU[:, :r] / sqrt(s_r)``, ``B = sqrt(s_r) U[:, :r]^T`` (`activation_factors`),
+    and ``||x W^T u_j||^2`` summed over ``j >= r`` is the error of rank r on a row ``x``.
+    """
+    W = weight.detach().to("cpu", torch.float64)
+    out_f, in_f = W.shape
+    X = Xd.to("cpu", torch.float64)
+    n = max(1, X.shape[0])
+    scale = float(X.pow(2).sum()) / (n * in_f)  # mean diagonal of C
+    if not scale > 0 or not math.isfinite(scale):
+        X = torch.zeros(0, in_f, dtype=torch.float64)  # nothing inactive in the sample: plain SVD
+        scale = 1.0
+    lam = eps * scale
+    m = min(in_f, out_f)
+    if out_f <= in_f:
+        Y = X @ W.T
+        K = Y.T @ Y / n + lam * ((W @ W.T) if WW is None else WW)
+        ev, U = torch.linalg.eigh(K)
+        ev, U = ev.flip(0)[:m], U.flip(1)[:, :m]
+        s = ev.clamp_min(0).sqrt()
+        WtU = W.T @ U
+    else:
+        WtW = (W.T @ W) if WW is None else WW
+        L = torch.linalg.cholesky(X.T @ X / n + lam * torch.eye(in_f, dtype=torch.float64))
+        ev, V = torch.linalg.eigh(L.T @ WtW @ L)
+        ev, V = ev.flip(0), V.flip(1)
+        s = ev.clamp_min(0).sqrt()
+        inv = torch.where(s > 0, 1.0 / s.clamp_min(1e-300), torch.zeros_like(s))
+        LV = L @ V
+        U = (W @ LV) * inv
+        WtU = (WtW @ LV) * inv
+    return U, s, WtU
+
+
+def activation_factors(U: torch.Tensor, s: torch.Tensor, WtU: torch.Tensor, rank: int, like: torch.Tensor):
+    """``A`` (in, r), ``B`` (r, out) from `activation_basis`, on ``like``'s device and dtype."""
+    root = s[:rank].sqrt()
+    inv = torch.where(root > 0, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
+    A = WtU[:, :rank] * inv
+    B = root[:, None] * U[:, :rank].T
+    return A.to(like.device, like.dtype).contiguous(), B.to(like.device, like.dtype).contiguous()
+
+
 def _depths(names: List[str]) -> Dict[str, float]:
     import re
 
@@ -145,7 +204,9 @@ def error_curves(model: nn.Module, stats, config: SparsityConfig, *, progress: b
     gating = gating or default_gating(config)
     if gating not in ("topk", "threshold"):
         raise ValueError(f"gating must be 'topk' or 'threshold', got {gating!r}")
-    key = ("curves", config.method, config.use_importance, gating, config.allocation == "uniform" and config.method != "rsparse")
+    act = config.method == "rsparse" and config.lowrank == "activation"
+    key = ("curves", config.method, config.use_importance, gating, config.allocation == "uniform" and config.method != "rsparse",
+           "activation" if act else "svd")
     if key in stats.cache:
         return stats.cache[key]
     family = find_family(model)
@@ -203,8 +264,24 @@ def error_curves(model: nn.Module, stats, config: SparsityConfig, *, progress: b
         drops = [in_f - k for k in ks]
         table = torch.empty(len(ks), m + 1, dtype=torch.float64)  # error at (k_i, rank r)
         lin_gating = "topk" if method == "topk" else gating
-        for i, drop in enumerate(_drop_masks(imp, drops, by_threshold=(lin_gating == "threshold"))):
-            P = (X * drop) @ VS
+        by_t = lin_gating == "threshold"
+        if act:
+            # fit the factor on reservoir rows the error is not measured on (else in-sample optimism)
+            Xf = st.sample[PROXY_TOKENS:].float() if len(st.sample) - PROXY_TOKENS >= ACT_MIN_FIT else X
+            imp_f = Xf.abs() * ref.column_norms(W).cpu() if config.use_importance else Xf.abs()
+            fit_masks = _drop_masks(imp_f, drops, by_threshold=by_t)
+            W64 = W.detach().to("cpu", torch.float64)
+            WW = W64 @ W64.T if out_f <= in_f else W64.T @ W64
+        for i, drop in enumerate(_drop_masks(imp, drops, by_threshold=by_t)):
+            if act:
+                fdrop = next(fit_masks)
+                if drops[i] == 0:
+                    table[i] = 0.0
+                    continue
+                _U, _s, WtU = activation_basis(W64, Xf * fdrop, WW=WW)
+                P = (X * drop).double() @ WtU
+            else:
+                P = (X * drop) @ VS
             e = P.double().pow(2).sum(0)  # (m,)
             tail = torch.flip(torch.cumsum(torch.flip(e, [0]), 0), [0])  # tail[r] = sum_{j>=r}
             table[i, :m] = tail / norm
@@ -417,6 +494,29 @@ def search(model: nn.Module, stats, curves: List[Curve], config: SparsityConfig,
 
 
 # --------------------------------------------------------------------------- calibration
+def _activation_entry(stats, c: Curve, W: torch.Tensor, dropped: int, rank: int, config: SparsityConfig):
+    """Activation-aware ``A, B`` of one layer, fitted on its whole reservoir with ``dropped`` channels
+    inactive (as the layer gates them); the basis is cached per 1 % of dropped channels."""
+    if rank == 0:
+        z = W.new_zeros
+        return z((c.in_features, 0)), z((0, c.out_features))
+    pct = int(round(100 * dropped / c.in_features))
+    cache = stats.cache.setdefault("act_basis", {})
+    key = (c.name, pct, config.use_importance, c.gating)
+    if key not in cache:
+        st = stats.layers[c.name]
+        X = st.sample.float()
+        imp = X.abs() * ref.column_norms(W).cpu() if config.use_importance else X.abs()
+        d = int(round(pct / 100 * c.in_features))
+        drop = next(_drop_masks(imp, [d], by_threshold=(c.gating == "threshold")))
+        U, s, WtU = activation_basis(W, X * drop)
+        while len(cache) >= ACT_CACHE:
+            cache.pop(next(iter(cache)))
+        cache[key] = (U.float(), s.float(), WtU.float())
+    U, s, WtU = cache[key]
+    return activation_factors(U, s, WtU, rank, W)
+
+
 def to_calibration(model: nn.Module, stats, curves: List[Curve], alloc: dict, config: SparsityConfig):
     """The `Calibration` of an allocation: per layer "sparsity", and "rank"/"A"/"B" (rsparse) or "threshold"."""
     from .calibrate import Calibration, _threshold_for
@@ -434,18 +534,23 @@ def to_calibration(model: nn.Module, stats, curves: List[Curve], alloc: dict, co
             method = "topk" if config.method == "gate" else config.method
             budget = (1 - s) * c.in_features * c.out_features
             if method == "rsparse":
-                U, S, Vh = stats.cache["svd"][c.name]
                 W = model.get_submodule(c.name).weight
-                root = S[:r].sqrt()
                 entry["rank"] = int(r)
-                entry["A"] = (Vh[:r].T * root).to(W.device, W.dtype).contiguous()
-                entry["B"] = (root[:, None] * U[:, :r].T).to(W.device, W.dtype).contiguous()
                 active = (budget - r * (c.in_features + c.out_features)) / c.out_features
                 if c.gating == "threshold":
                     entry["drop"] = max(0.0, 1.0 - active / c.in_features)
                     entry["threshold"] = _threshold_for(st, entry["drop"], config, config.use_importance)
+                    dropped = int(round(entry["drop"] * c.in_features))
                 else:
                     active = math.floor(active + 1e-9)
+                    dropped = c.in_features - int(min(c.in_features, max(0, active)))
+                if config.lowrank == "activation":
+                    entry["A"], entry["B"] = _activation_entry(stats, c, W, dropped, int(r), config)
+                else:
+                    U, S, Vh = stats.cache["svd"][c.name]
+                    root = S[:r].sqrt()
+                    entry["A"] = (Vh[:r].T * root).to(W.device, W.dtype).contiguous()
+                    entry["B"] = (root[:, None] * U[:, :r].T).to(W.device, W.dtype).contiguous()
             elif method == "threshold":
                 entry["drop"] = s
                 entry["threshold"] = _threshold_for(st, s, config, config.use_importance)

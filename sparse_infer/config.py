@@ -11,6 +11,7 @@ TARGETS = ("mlp", "attn", "all")
 MODES = ("per_token", "shared")
 ALLOCATIONS = ("uniform", "greedy", "search")
 BACKENDS = ("auto", "triton", "reference")
+LOWRANKS = ("svd", "activation")
 CONFIG_VERSION = 1
 
 # The gate method (CATS) always reads all of gate_proj: over the three MLP
@@ -62,6 +63,10 @@ class SparsityConfig:
             (R-Sparse: per-layer split between channels and rank, searched).
             Anything but uniform needs calibration data.
         seed: seed for anything random (calibration search).
+        lowrank: rsparse only, how the low-rank factor is made: ``"svd"`` (plain
+            truncated SVD of ``W``, needs no data) or ``"activation"`` (the rank-r
+            factor of least output error on the calibration inputs that the factor
+            actually sees, the inactive channels ``x[~S]``; needs calibration).
     """
 
     method: str = "topk"
@@ -76,6 +81,7 @@ class SparsityConfig:
     overrides: dict = field(default_factory=dict)
     allocation: str = "uniform"
     seed: int = 0
+    lowrank: str = "svd"
     version: int = CONFIG_VERSION
 
     def __post_init__(self):
@@ -89,6 +95,8 @@ class SparsityConfig:
             raise ValueError(f"unknown allocation {self.allocation!r}; expected one of {ALLOCATIONS}")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {BACKENDS}")
+        if self.lowrank not in LOWRANKS:
+            raise ValueError(f"unknown lowrank {self.lowrank!r}; expected one of {LOWRANKS}")
         self.sparsity = _check_sparsity(self.sparsity, "SparsityConfig")
         if self.method == "gate" and self.targets == "attn":
             raise ValueError("method 'gate' sparsifies the gated MLP's activation; use targets 'mlp' or 'all'")
@@ -127,7 +135,8 @@ class SparsityConfig:
     @property
     def needs_calibration(self) -> bool:
         """Methods whose thresholds come from data: they raise without calibration."""
-        return self.method == "threshold" or self.allocation != "uniform"
+        return (self.method == "threshold" or self.allocation != "uniform"
+                or (self.method == "rsparse" and self.lowrank == "activation"))
 
     def replace(self, **changes) -> "SparsityConfig":
         d = self.to_dict()

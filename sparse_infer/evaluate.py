@@ -30,7 +30,6 @@ different windows as one batch, position by position the tokens decoded together
 
 from __future__ import annotations
 
-import inspect
 import math
 import platform
 import time
@@ -354,19 +353,16 @@ class _Calibrator:
     def __call__(self, config: SparsityConfig):
         if config.method not in CALIBRATED:
             return None
-        from . import calibrate as calmod
+        from .calibrate import _stats_key, calibrate
 
-        key = calmod._stats_key(config) if hasattr(calmod, "_stats_key") else None
-        data = self.stats.get(key, self.calib) if key is not None else self.calib
-        kw = {}
-        accepted = inspect.signature(calmod.calibrate).parameters
+        key = _stats_key(config)  # one dense statistics pass serves every level of a method
+        data = self.stats.get(key, self.calib)
+        kw = {"quick": True} if self.s.calib_quick else {}
         if config.allocation == "search":  # bounded by candidates, never by time: deterministic
-            kw = {k: v for k, v in (("iterations", self.s.search_iterations), ("time_budget_s", 1e9)) if k in accepted}
-        if self.s.calib_quick and "quick" in accepted:
-            kw["quick"] = True
+            kw.update(iterations=self.s.search_iterations, time_budget_s=1e9)
         torch.manual_seed(self.s.seed)
-        cal = calmod.calibrate(self.model, data, config, progress=self.progress, **kw)
-        if key is not None and getattr(cal, "stats", None) is not None:
+        cal = calibrate(self.model, data, config, progress=self.progress, **kw)
+        if cal.stats is not None:
             self.stats[key] = cal.stats
         return cal
 

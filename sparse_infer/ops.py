@@ -114,9 +114,15 @@ def gated_mlp(
     """CATS gated MLP with gating on ``|act(x Wg^T)|``.
 
     ``act_name`` names the activation for the fused kernel ("silu", "gelu",
-    "gelu_tanh"); an activation the kernel does not know runs the reference.
+    "gelu_tanh"); an activation the kernel does not know, and calls of more
+    tokens than the kernel serves faster than cuBLAS, run the reference.
     """
-    if resolve_backend(backend, x) == "triton" and act_name is not None and not shared_prefill(x, gate):
+    if (
+        resolve_backend(backend, x) == "triton"
+        and act_name is not None
+        and not shared_prefill(x, gate)
+        and x.numel() // x.shape[-1] <= _kernels().GATED_MLP_FALLBACK_TOKENS
+    ):
         return _kernels().gated_mlp(
             x, gate_proj.weight, up_proj.weight, down_proj.weight, act_name, gate,
             gate_proj.bias, up_proj.bias, down_proj.bias,

@@ -236,3 +236,71 @@ def test_sparsify_calibrates_from_token_ids_and_is_fast(model):
     si.sparsify(model, cfg, calibration=cal, progress=False)
     si.unsparsify(model)
     assert time.time() - t < 30
+
+
+def _factor_error(X, W, A, B):
+    return float((X @ A @ B - X @ W.detach().T).pow(2).sum())
+
+
+def test_activation_basis_beats_svd_on_the_inputs_it_sees():
+    from sparse_infer.allocate import activation_basis, activation_factors
+
+    g = torch.Generator().manual_seed(0)
+    for out_f, in_f in ((48, 32), (32, 48)):  # both branches (out <= in, out > in)
+        W = torch.randn(out_f, in_f, generator=g) / math.sqrt(in_f)
+        X = torch.randn(400, in_f, generator=g) * torch.linspace(0.05, 3.0, in_f)  # anisotropic inputs
+        Xd = X * (torch.rand(X.shape, generator=g) < 0.6)  # the inactive part the factor sees
+        U, s, WtU = activation_basis(W, Xd)
+        for r in (1, 4, 12):
+            A, B = activation_factors(U, s, WtU, r, W)
+            A0, B0 = ref.lowrank_factors(W, r)
+            assert A.shape == (in_f, r) and B.shape == (r, out_f)
+            assert _factor_error(Xd, W, A, B) < _factor_error(Xd, W, A0, B0)
+        # full rank: exact; never-seen channels (all zero) do not break it
+        A, B = activation_factors(U, s, WtU, min(in_f, out_f), W)
+        torch.testing.assert_close(A @ B, W.T, atol=1e-4, rtol=1e-4)
+        U, s, WtU = activation_basis(W, torch.zeros(10, in_f))
+        A, B = activation_factors(U, s, WtU, 3, W)
+        A0, B0 = ref.lowrank_factors(W, 3)
+        torch.testing.assert_close(A @ B, A0 @ B0, atol=1e-4, rtol=1e-3)
+
+
+def test_calibrated_activation_factor_has_lower_error_on_inactive_inputs():
+    model = _lowrank_model(noise=0.3)
+    data = _data(0)
+    base = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="uniform")
+    cal_a = calibrate(model, data, base.replace(lowrank="activation"), progress=False, refine_rounds=0)
+    better = total = 0
+    for name, e in cal_a.layers.items():
+        r = e["rank"]
+        if not r:
+            continue
+        W = model.get_submodule(name).weight
+        X = cal_a.stats.layers[name].sample
+        inactive = ref.threshold_mask(X, e["threshold"], ref.column_norms(W)).logical_not()
+        Xd = X * inactive  # what the factor sees under the calibrated gating
+        A0, B0 = ref.lowrank_factors(W, r)
+        err_a, err_s = _factor_error(Xd, W, e["A"], e["B"]), _factor_error(Xd, W, A0, B0)
+        better += err_a < err_s
+        total += 1
+    assert total and better == total
+
+
+def test_lowrank_config_validation_and_json():
+    cfg = SparsityConfig(method="rsparse", lowrank="activation", allocation="search")
+    assert SparsityConfig.from_json(cfg.to_json()) == cfg
+    assert SparsityConfig.from_json(cfg.to_json()).lowrank == "activation"
+    assert SparsityConfig().lowrank == "svd"
+    assert SparsityConfig(method="rsparse", lowrank="activation").needs_calibration
+    assert not SparsityConfig(method="rsparse").needs_calibration
+    with pytest.raises(ValueError, match="lowrank"):
+        SparsityConfig(method="rsparse", lowrank="asvd")
+    d = cfg.to_dict()
+    del d["lowrank"]  # configs written before the field: plain SVD
+    assert SparsityConfig.from_dict(d).lowrank == "svd"
+
+
+def test_activation_lowrank_without_calibration_is_a_clear_error(model):
+    with pytest.raises(ValueError, match="needs calibration"):
+        si.sparsify(model, SparsityConfig(method="rsparse", sparsity=0.5, lowrank="activation"), progress=False)
+    assert not si.sparse_modules(model)

@@ -25,6 +25,7 @@ CASES = {
     "gate": dict(method="gate", sparsity=0.4, targets="all"),
     "topk-greedy": dict(method="topk", sparsity=0.5, targets="attn", allocation="greedy"),
     "rsparse-uniform-shared": dict(method="rsparse", sparsity=0.7, targets="mlp", mode="shared"),
+    "rsparse-search-activation": dict(method="rsparse", sparsity=0.5, targets="mlp", allocation="search", lowrank="activation"),
 }
 
 

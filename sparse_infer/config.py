@@ -44,8 +44,9 @@ class SparsityConfig:
             ``reference.model_sparsity``).
         targets: which linears: ``"mlp"`` (gate/up/down), ``"attn"`` (q/k/v/o), ``"all"``.
         mode: ``"per_token"`` (each token its own mask) or ``"shared"`` (one
-            mask for all tokens of a decode step: the bytes read stay at the
-            budget whatever the batch size).
+            mask for all tokens of a decode step, the top-k channels of their
+            mean importance: the bytes read stay at the budget whatever the
+            batch size; calibrated thresholds are not used in this mode).
         dense_prefill_above: a call with more tokens than this runs dense
             (decode-only sparsity, as R-Sparse evaluates); ``None`` sparsifies every token.
         backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"``, ``"reference"``.
@@ -135,7 +136,7 @@ class SparsityConfig:
     @property
     def needs_calibration(self) -> bool:
         """Methods whose thresholds come from data: they raise without calibration."""
-        return (self.method == "threshold" or self.allocation != "uniform"
+        return ((self.method == "threshold" and self.mode == "per_token") or self.allocation != "uniform"
                 or (self.method == "rsparse" and self.lowrank == "activation"))
 
     def replace(self, **changes) -> "SparsityConfig":

@@ -174,7 +174,7 @@ def plan_layers(model: nn.Module, config: SparsityConfig, calibration=None, fami
             if density < 0:
                 raise ValueError(f"{name}: method 'gate' cannot reach sparsity {s} (at most 2/3 over the MLP)")
             plan = LayerPlan(name, kind, method, width, sparsity=s)
-            if calib.get("threshold") is not None:
+            if calib.get("threshold") is not None and config.mode != "shared":
                 plan.threshold = calib["threshold"]
             else:
                 plan.k = k_for_density(width, density)
@@ -202,7 +202,11 @@ def plan_layers(model: nn.Module, config: SparsityConfig, calibration=None, fami
         else:
             active = (1.0 - s) * in_f
         k_override = _layer_setting(name, "k", None, calibration, config)
-        if method == "threshold" or (calib.get("threshold") is not None and method != "topk"):
+        # Shared masks always take the top-k of the step's mean importance: thresholds are
+        # calibrated on single tokens, and a mean over a batch crosses them at another rate,
+        # so only k keeps the bytes per step at the budget whatever the batch size.
+        per_token_threshold = method == "threshold" or (calib.get("threshold") is not None and method != "topk")
+        if per_token_threshold and config.mode != "shared":
             t = calib.get("threshold")
             if t is None:
                 raise ValueError(

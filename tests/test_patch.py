@@ -175,3 +175,18 @@ def test_register_family_is_one_entry():
         assert si.FAMILIES[-1] is fam
     finally:
         si.FAMILIES.remove(fam)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["threshold", "rsparse", "gate"])
+def test_shared_mode_holds_the_budget_at_any_batch(method):
+    """One mask per decode step, sized by k: the measured sparsity is the target at batch 1 and 4."""
+    model = tiny_model("llama")
+    cfg = SparsityConfig(method=method, sparsity=0.4, mode="shared")
+    si.sparsify(model, cfg, calibration=[_ids(seed=3, length=32)], progress=False)
+    for batch in (1, 4):
+        for m in si.sparse_modules(model).values():
+            m.record_stats = True
+            m.reset_stats()
+        model(_ids(seed=4, batch=batch, length=8))
+        assert si.model_sparsity(model, measured=True) == pytest.approx(0.4, abs=0.02), batch

@@ -476,7 +476,7 @@ def refine_thresholds(model: nn.Module, stats: CalibrationStats, cal: Calibratio
 def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool = True, tokenizer=None,
               num_samples: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN, reservoir: int = 512,
               kl_samples: int = 2, kl_tokens: int = 256, iterations: Optional[int] = None,
-              time_budget_s: Optional[float] = None, quick: bool = False, max_samples: Optional[int] = None,
+              time_budget_s: Optional[float] = None, quick: bool = False,
               refine_rounds: int = 2, refine_tokens: int = 2048, gating: Optional[str] = None) -> Calibration:
     """Per-layer settings of ``config`` from calibration ``data`` (dense ``model``; it is left unchanged).
 
@@ -496,8 +496,6 @@ def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool 
         iterations / time_budget_s: bounds of the search (default 16 candidates,
             120 s); ``quick``: a few candidates on a small sample (tests, CI).
         reservoir, kl_samples, kl_tokens: sizes of the kept statistics.
-        max_samples: accepted for compatibility with the placeholder and ignored
-            (the statistics are bounded whatever the amount of data).
         gating: "threshold" (default for threshold, gate and rsparse: per-layer
             thresholds at the allocated density, re-fitted on the sparsified model
             over ``refine_rounds`` passes so the measured sparsity hits the target)

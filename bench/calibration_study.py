@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument("--calib-samples", type=int, default=16)
     p.add_argument("--iterations", type=int, default=None, help="search candidates (default of calibrate)")
     p.add_argument("--time-budget", type=float, default=None, help="search seconds (default of calibrate)")
-    p.add_argument("--methods", nargs="+", default=["topk", "threshold", "threshold-greedy", "rsparse", "rsparse-uniform", "rsparse-greedy", "rsparse-search"])
+    p.add_argument("--methods", nargs="+", default=["topk", "threshold", "threshold-greedy", "threshold-search", "rsparse", "rsparse-uniform", "rsparse-greedy", "rsparse-search"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)

@@ -491,10 +491,11 @@ def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool 
             the layer-local calibration error grows least; ``"search"`` (R-Sparse)
             an evolutionary search over the shape of the allocation (per projection
             type offsets, depth tilt, rank scale), scored by the KL divergence of the
-            output logits against the dense model (uniform and greedy are its first
-            candidates, so it never returns a worse calibration loss).
+            output logits against the dense model (uniform, greedy and the greedy
+            weighted by each layer's measured sensitivity are its first candidates,
+            so it never returns a worse calibration loss than any of them).
         iterations / time_budget_s: bounds of the search (default 16 candidates,
-            120 s); ``quick``: a few candidates on a small sample (tests, CI).
+            300 s); ``quick``: a few candidates on a small sample (tests, CI).
         reservoir, kl_samples, kl_tokens: sizes of the kept statistics.
         gating: "threshold" (default for threshold, gate and rsparse: per-layer
             thresholds at the allocated density, re-fitted on the sparsified model

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparse_infer as si
-from sparse_infer import SparsityConfig
+from sparse_infer import SparsityConfig, allocate
 from sparse_infer import reference as ref
 from sparse_infer.calibrate import (
     CalibrationStats, chan_quantiles, collect_stats, calibrate, default_calibration_data, hist_quantile, _hist, _log_abs,
@@ -127,10 +127,34 @@ def test_search_beats_greedy_and_uniform_on_calibration_kl_and_is_reproducible(m
     a = calibrate(model, _data(0), cfg, progress=False, quick=True, iterations=6)
     s = a.meta["search"]
     assert s["kl_best"] <= s["kl_greedy"] and s["kl_best"] <= s["kl_uniform"]
+    assert set(s["kl_sensitivity"]) == set(allocate.SENSITIVITY_POWERS)
+    assert s["kl_best"] <= min(s["kl_sensitivity"].values())
     assert s["candidates"] == 6
     b = calibrate(model, a.stats, cfg, progress=False, quick=True, iterations=6)
     assert [v["sparsity"] for v in a.layers.values()] == [v["sparsity"] for v in b.layers.values()]
     assert [v["rank"] for v in a.layers.values()] == [v["rank"] for v in b.layers.values()]
+
+
+def test_sensitivities_single_out_the_layer_that_matters(model):
+    """A layer whose output is scaled up moves the logits more when sparsified: its
+    sensitivity rises, and the weighted greedy gives it less sparsity than the plain greedy."""
+    cfg = SparsityConfig(method="threshold", sparsity=0.5, targets="mlp", allocation="greedy")
+    loud = tiny_model("llama", seed=3)
+    with torch.no_grad():
+        loud.model.layers[1].mlp.down_proj.weight.mul_(8.0)
+    cal = calibrate(loud, _data(1), cfg, progress=False, quick=True)
+    curves = allocate.error_curves(loud, cal.stats, cfg, progress=False)
+    sens = allocate.sensitivities(loud, cal.stats, curves, cfg, progress=False)
+    assert len(sens) == len(curves) and all(v >= 0 and math.isfinite(v) for v in sens)
+    assert allocate.sensitivities(loud, cal.stats, curves, cfg) is sens  # cached per statistics
+    i = [c.name for c in curves].index("model.layers.1.mlp.down_proj")
+    j = [c.name for c in curves].index("model.layers.0.mlp.down_proj")
+    assert sens[i] > sens[j]
+    w = allocate.sensitivity_weights(curves, sens, 1.0)
+    plain, weighted = allocate.greedy(curves, 0.5), allocate.greedy(curves, 0.5, weights=w)
+    for a in (plain, weighted):  # both exactly on budget
+        assert allocate.allocation_sparsity(curves, a) == pytest.approx(0.5, abs=1e-9)
+    assert weighted["sparsity"][i] < plain["sparsity"][i] - 0.1
 
 
 def _lowrank_model(rank=8, noise=0.02):

@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 from . import reference as ref
 from .config import GATE_MAX_SPARSITY, SparsityConfig
 
-__all__ = ["Curve", "error_curves", "uniform", "greedy", "sensitivities", "search", "to_calibration", "allocation_sparsity"]
+__all__ = ["Curve", "error_curves", "uniform", "greedy", "sensitivities", "sensitivity_weights", "search", "to_calibration", "allocation_sparsity"]
 
 FINE = 100  # allocation grid: steps of 1 % of a layer's dense elements
 COARSE = 20  # error measured at every 5 % of density, interpolated in between
@@ -393,6 +393,11 @@ def _kl_loss(model, stats, cal, config) -> float:
         unsparsify(model)
 
 
+def _probe_index(c: Curve) -> int:
+    """Grid index of the sensitivity probe for one layer (`SENSITIVITY_PROBE`, or the layer's reach)."""
+    return min(int(round(SENSITIVITY_PROBE * FINE)), c.max_index)
+
+
 @torch.no_grad()
 def sensitivities(model: nn.Module, stats, curves: List[Curve], config: SparsityConfig, *,
                   progress: bool = True) -> List[float]:
@@ -407,7 +412,7 @@ def sensitivities(model: nn.Module, stats, curves: List[Curve], config: Sparsity
         return stats.cache[key]
     out = []
     for c in tqdm(curves, desc="layer sensitivities", disable=not progress):
-        probe = min(SENSITIVITY_PROBE, c.max_index / FINE)
+        probe = _probe_index(c) / FINE
         cfg = SparsityConfig(method="gate" if c.kind == "mlp" else "topk", sparsity=probe, targets=config.targets,
                              importance=config.use_importance, backend=config.backend,
                              overrides={"*": {"sparsity": 0.0}, c.name: {"sparsity": probe}})
@@ -420,8 +425,7 @@ def sensitivity_weights(curves: List[Curve], sens: List[float], power: float) ->
     """``(KL_l / err_l) ** power`` at the probe: the model-level KL per unit of the layer's local error."""
     w = []
     for c, kl in zip(curves, sens):
-        j = min(int(round(SENSITIVITY_PROBE * FINE)), c.max_index)
-        err = float(c.err[j])
+        err = float(c.err[_probe_index(c)])
         ratio = max(kl, 1e-12) / err if math.isfinite(err) and err > 1e-12 else 1.0
         w.append(ratio ** power)
     return w

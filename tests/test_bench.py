@@ -6,6 +6,7 @@ The scripts live in bench/ (not a package): they are loaded by path.
 from __future__ import annotations
 
 import csv
+import math
 import importlib.util
 import sys
 from pathlib import Path
@@ -229,3 +230,63 @@ def test_bench_kernels_cases_and_writer(tmp_path):
     paths = bk.write_results(rows, str(tmp_path))
     for p in paths:
         assert Path(p).is_file() and Path(p).stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- bench/mlp_limits_study.py
+@pytest.fixture(scope="module")
+def ls():
+    return _load("mlp_limits_study")
+
+
+def _token_windows(n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (length,), generator=g) for _ in range(n)]
+
+
+def test_limits_study_tiny_run(ls, tiny):
+    rows = ls.run(tiny, _token_windows(2, 33, 0), _token_windows(2, 33, 1), levels=(0.5,), ranks=(4,), log=lambda s: None)
+    kinds = [(r["family"], r["rule"]) for r in rows]
+    assert kinds[0] == ("dense", "-") and rows[0]["ratio"] == 1.0
+    assert {("input top-k", i) for i in ls.IMPORTANCES} <= set(kinds)
+    assert ("neuron oracle", "h") in kinds and ("neuron predictor", "rank 4") in kinds
+    assert all(math.isfinite(r["ppl"]) for r in rows)
+    assert "| input top-k | fisher | 50% |" in ls.markdown(rows)
+    # the swapped forwards are gone: the model is dense again
+    assert all("forward" not in m.__dict__ for m in tiny.modules())
+
+
+def test_limits_study_neuron_oracle_at_zero_drop_is_dense(ls, tiny):
+    blocks, names = ls.mlps(tiny)
+    x = torch.randn(3, 5, tiny.config.hidden_size)
+    for rule in ("gate", "h"):
+        out = ls._neuron_forward(blocks[0], names, 0.0, rule)(x)
+        torch.testing.assert_close(out, blocks[0](x))
+
+
+def test_limits_study_whitened_factors_full_rank_is_exact(ls):
+    torch.manual_seed(0)
+    W = torch.randn(24, 16, dtype=torch.float64)
+    X = torch.randn(200, 16, dtype=torch.float64) * torch.linspace(0.1, 3, 16)
+    A, B = ls.whitened_factors(W, X.T @ X / len(X), 16)
+    torch.testing.assert_close((X @ A) @ B, X @ W.T)
+    # at a lower rank it beats the plain SVD on these inputs (what "activation-aware" means)
+    A, B = ls.whitened_factors(W, X.T @ X / len(X), 4)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    plain = X @ (U[:, :4] * S[:4] @ Vh[:4]).T
+    assert (X @ A @ B - X @ W.T).norm() < (plain - X @ W.T).norm()
+
+
+def test_limits_study_fisher_is_per_output_and_restores_grad_flags(ls, tiny):
+    flags = [p.requires_grad for p in tiny.parameters()]
+    f = ls.fisher_diag(tiny, _token_windows(1, 17, 2))
+    blocks, names = ls.mlps(tiny)
+    for b in blocks:
+        for n in names:
+            v = f[getattr(b, n)]
+            assert v.shape == (getattr(b, n).out_features,) and bool((v >= 0).all()) and float(v.sum()) > 0
+    assert [p.requires_grad for p in tiny.parameters()] == flags
+
+
+def test_limits_study_rejects_bad_level(ls):
+    with pytest.raises(SystemExit):
+        ls.main(["--levels", "1.0"])

@@ -1,0 +1,264 @@
+"""Where the accuracy of MLP activation sparsity goes (issue 4): a study of what a byte budget
+on the MLP can buy on SmolLM2-135M, beyond the calibrated methods of `calibration_study.py`.
+
+Every row spends the same share of the MLP's weight bytes per token (``--levels``, e.g. 50 %
+sparsity = half the bytes) and is scored by held-out perplexity against the dense model:
+
+* ``input``: per linear, the top ``(1 - s)`` input channels of each token, uniform over
+  layers, ranked by ``|x_i|`` (TEAL), ``|x_i|·||W[:, i]||`` (R-Sparse / WINA) or
+  ``|x_i|·||√f ⊙ W[:, i]||`` with ``f`` the diagonal Fisher of the linear's output (the mean
+  squared gradient of ``log p(y)``, ``y`` sampled from the model, over the calibration text):
+  the expected loss increase of dropping channel ``i``, a static scale the kernels accept.
+* ``neuron oracle``: drop the intermediate neurons ``j`` of each MLP with the smallest
+  ``|silu(g_j)|`` (CATS rule) or ``|silu(g_j)·u_j|`` (the exact down_proj input), reading
+  ``(1 - s)`` of gate, up and down.  Choosing by ``g`` or ``h`` needs all of gate (and up): an
+  upper bound of what a free, perfect neuron predictor would give, not a method.
+* ``neuron predictor``: the same, ranked by ``silu(ĝ)·û`` from activation-aware rank-``r``
+  factors of gate and up (whitened by the calibration inputs' second moments), the factors'
+  bytes counted in the budget.
+
+    python bench/mlp_limits_study.py                 # ~4 min on 2 CPU cores
+    python bench/mlp_limits_study.py --levels 0.5 --eval-windows 8 --out limits.json
+
+Evaluation reads the first 80 % of the token stream, calibration (Fisher, second moments)
+the last 20 % (`sparse_infer.data.split_tokens`): they never overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparse_infer import reference as ref
+from sparse_infer.patch import decoder_layers, find_family
+
+IMPORTANCES = ("abs", "norm", "fisher")
+RANKS = (32, 64, 128)
+
+
+@torch.no_grad()
+def perplexity(model, windows) -> float:
+    nll, count = 0.0, 0
+    for w in windows:
+        logits = model(w.unsqueeze(0)[:, :-1]).logits[0].float()
+        nll += float(F.cross_entropy(logits, w[1:], reduction="sum"))
+        count += len(w) - 1
+    return math.exp(nll / count)
+
+
+@contextlib.contextmanager
+def replaced_forward(modules: Dict[nn.Module, object]):
+    """Temporarily swap ``module.forward``; restored on exit whatever happens."""
+    saved = {m: m.__dict__.get("forward") for m in modules}
+    try:
+        for m, fn in modules.items():
+            m.forward = fn
+        yield
+    finally:
+        for m, old in saved.items():
+            if old is None:
+                del m.forward  # back to the class's forward
+            else:
+                m.forward = old
+
+
+def mlps(model):
+    fam = find_family(model)
+    return [getattr(layer, fam.mlp_attr) for layer in decoder_layers(model)], fam.mlp_linears
+
+
+def fisher_diag(model, windows, seed: int = 0) -> Dict[nn.Linear, torch.Tensor]:
+    """Per MLP linear, the mean over tokens of the squared gradient of ``log p(y)`` at its output,
+    ``y`` sampled from the model's own next-token distribution (the diagonal of the Fisher)."""
+    blocks, names = mlps(model)
+    lins = [getattr(b, n) for b in blocks for n in names]
+    acc = {m: 0.0 for m in lins}
+    count = 0
+
+    def hook(m, _inp, out):
+        out.register_hook(lambda g, m=m: acc.__setitem__(m, acc[m] + g.reshape(-1, g.shape[-1]).double().pow(2).sum(0)))
+
+    hooks = [m.register_forward_hook(hook) for m in lins]
+    flags = [p.requires_grad for p in model.parameters()]
+    gen = torch.Generator().manual_seed(seed)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        with torch.enable_grad():
+            for w in windows:
+                emb = model.get_input_embeddings()(w.unsqueeze(0)).detach().requires_grad_()
+                logits = model(inputs_embeds=emb).logits[0].float()
+                y = torch.multinomial(logits.detach().softmax(-1), 1, generator=gen)[:, 0]
+                F.cross_entropy(logits, y, reduction="sum").backward()
+                count += len(w)
+    finally:
+        for h in hooks:
+            h.remove()
+        for p, f in zip(model.parameters(), flags):
+            p.requires_grad_(f)
+    return {m: (a / count).float() for m, a in acc.items()}
+
+
+@torch.no_grad()
+def input_moments(model, windows) -> List[torch.Tensor]:
+    """Per MLP, ``E[x xᵀ]`` of its input over the calibration windows (float64)."""
+    blocks, _ = mlps(model)
+    acc = [0.0] * len(blocks)
+    count = [0]
+
+    def pre(i):
+        def hook(_m, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            acc[i] = acc[i] + x.T @ x
+        return hook
+
+    hooks = [b.register_forward_pre_hook(pre(i)) for i, b in enumerate(blocks)]
+    try:
+        for w in windows:
+            model(w.unsqueeze(0))
+            count[0] += len(w)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [a / count[0] for a in acc]
+
+
+def whitened_factors(weight: torch.Tensor, moment: torch.Tensor, rank: int):
+    """``(A, B)`` with ``x ↦ (x A) B`` the rank-``r`` map of least ``E||(W - L) x||²`` on inputs of
+    second moment ``moment`` (projection on the top left singular vectors of ``W·moment^½``)."""
+    W = weight.detach().double().cpu()
+    evals, Q = torch.linalg.eigh(moment)
+    root = (Q * evals.clamp_min(0).sqrt()) @ Q.T
+    U = torch.linalg.svd(W @ root, full_matrices=False).U[:, :rank]
+    return (W.T @ U).to(weight.dtype), U.T.contiguous().to(weight.dtype)
+
+
+def _input_forward(lin: nn.Linear, sparsity: float, scale: Optional[torch.Tensor]):
+    k = int(round((1 - sparsity) * lin.in_features))
+
+    def forward(x):
+        return F.linear(ref.apply_mask(x, ref.topk_mask(x, k, scale)), lin.weight, lin.bias)
+    return forward
+
+
+def _neuron_forward(mlp, names, drop: float, rule: str, factors=None):
+    g_name, u_name, d_name = names
+
+    def forward(x):
+        gate, up, down = getattr(mlp, g_name), getattr(mlp, u_name), getattr(mlp, d_name)
+        g = mlp.act_fn(gate(x))
+        h = g * up(x)
+        if rule == "gate":
+            score = g
+        elif rule == "h":
+            score = h
+        else:  # low-rank predictor of h
+            (ag, bg), (au, bu) = factors
+            score = mlp.act_fn((x @ ag) @ bg) * ((x @ au) @ bu)
+        k = int(round((1 - drop) * h.shape[-1]))
+        return down(ref.apply_mask(h, ref.topk_mask(score, k)))
+    return forward
+
+
+def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPORTANCES, ranks=RANKS,
+        seed: int = 0, log=print) -> List[dict]:
+    """The study's rows (dicts with ``family``, ``rule``, ``sparsity``, ``ppl``, ``ratio``)."""
+    blocks, names = mlps(model)
+    lins = [getattr(b, n) for b in blocks for n in names]
+    rows = []
+
+    def add(family, rule, sparsity, seconds, **kw):
+        ppl = perplexity(model, eval_windows)
+        r = {"family": family, "rule": rule, "sparsity": sparsity, "ppl": ppl,
+             "ratio": ppl / rows[0]["ppl"] if rows else 1.0, "seconds": round(time.time() - seconds, 1), **kw}
+        rows.append(r)
+        log(json.dumps(r))
+
+    add("dense", "-", 0.0, time.time())
+    t = time.time()
+    fisher = fisher_diag(model, calib_windows, seed) if "fisher" in importances else {}
+    moments = input_moments(model, calib_windows) if ranks else []
+    log(f"calibration passes (Fisher, input moments): {time.time() - t:.0f} s")
+    scales = {
+        "abs": {m: None for m in lins},
+        "norm": {m: ref.column_norms(m.weight) for m in lins},
+        "fisher": {m: (fisher[m][:, None] * m.weight.detach().float().pow(2)).sum(0).sqrt() for m in fisher},
+    }
+    for s in levels:
+        for imp in importances:
+            t = time.time()
+            with replaced_forward({m: _input_forward(m, s, scales[imp][m]) for m in lins}):
+                add("input top-k", imp, s, t)
+        for rule in ("gate", "h"):
+            t = time.time()
+            with replaced_forward({b: _neuron_forward(b, names, s, rule) for b in blocks}):
+                add("neuron oracle", rule, s, t)
+        for r in ranks:
+            t = time.time()
+            factors, share = [], 0.0
+            for b, mom in zip(blocks, moments):
+                g, u = getattr(b, names[0]), getattr(b, names[1])
+                factors.append((whitened_factors(g.weight, mom, r), whitened_factors(u.weight, mom, r)))
+                share = 2 * r * (g.in_features + g.out_features) / (3 * g.in_features * g.out_features)
+            drop = s + share  # the predictor's bytes come out of the neurons' share
+            if drop >= 1:
+                log(f"rank {r}: the predictor alone costs {share:.0%} of the MLP, over the budget")
+                continue
+            with replaced_forward({b: _neuron_forward(b, names, drop, "lowrank", f) for b, f in zip(blocks, factors)}):
+                add("neuron predictor", f"rank {r}", s, t, neuron_drop=drop, predictor_share=share)
+    return rows
+
+
+def markdown(rows: List[dict]) -> str:
+    out = ["| rows | rule | MLP sparsity (bytes) | ppl | × dense |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {r['family']} | {r['rule']} | {r['sparsity']:.0%} | {r['ppl']:.2f} | {r['ratio']:.3f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M)")
+    p.add_argument("--text-file", default=None)
+    p.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.7])
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--calib-windows", type=int, default=8)
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--ranks", type=int, nargs="*", default=list(RANKS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = p.parse_args(argv)
+    for s in args.levels:
+        if not 0.0 <= s < 1.0:
+            p.error(f"--levels must lie in [0, 1), got {s}")
+
+    from sparse_infer import data as D
+    from sparse_infer.models import load_model
+
+    torch.set_grad_enabled(False)
+    model, tok = load_model(args.model)
+    text = D.load_text(args.text_file)
+    eval_ids, calib_ids, _ = D.split_tokens(D.tokenize(text.text, tok))
+    evals = D.windows(eval_ids, args.window, args.eval_windows)
+    calib = D.windows(calib_ids, args.window, args.calib_windows)
+    rows = run(model, evals, calib, args.levels, ranks=args.ranks, seed=args.seed)
+    print(f"\n{args.model or 'SmolLM2-135M'}, {text.source}: {len(evals)} x {args.window} held-out tokens, "
+          f"calibration {len(calib)} x {args.window} tokens of the last 20 %\n")
+    print(markdown(rows))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"rows": rows, "eval_windows": len(evals), "calib_windows": len(calib), "window": args.window,
+                       "torch": torch.__version__, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

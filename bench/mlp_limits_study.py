@@ -17,7 +17,7 @@ sparsity = half the bytes) and is scored by held-out perplexity against the dens
   factors of gate and up (whitened by the calibration inputs' second moments), the factors'
   bytes counted in the budget.
 
-    python bench/mlp_limits_study.py                 # ~4 min on 2 CPU cores
+    python bench/mlp_limits_study.py                 # ~5 min on 2 CPU cores
     python bench/mlp_limits_study.py --levels 0.5 --eval-windows 8 --out limits.json
 
 Evaluation reads the first 80 % of the token stream, calibration (Fisher, second moments)

@@ -16,30 +16,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 import sparse_infer as si
 from sparse_infer import SparsityConfig
 from sparse_infer import data as D
 from sparse_infer.calibrate import calibrate, default_calibration_data
-
-
-@torch.no_grad()
-def perplexity(model, windows) -> float:
-    """exp(mean next-token NLL) over independent windows."""
-    nll = 0.0
-    count = 0
-    for w in windows:
-        ids = w.unsqueeze(0)
-        logits = model(ids).logits[0, :-1].float()
-        nll += float(F.cross_entropy(logits, ids[0, 1:], reduction="sum"))
-        count += ids.shape[1] - 1
-    return math.exp(nll / count)
+from sparse_infer.evaluate import perplexity
 
 
 def main(argv=None):

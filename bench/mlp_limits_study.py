@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import time
 from typing import Dict, List, Optional
 
@@ -38,20 +37,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparse_infer import reference as ref
+from sparse_infer.evaluate import perplexity
 from sparse_infer.patch import decoder_layers, find_family
 
 IMPORTANCES = ("abs", "norm", "fisher")
 RANKS = (32, 64, 128)
-
-
-@torch.no_grad()
-def perplexity(model, windows) -> float:
-    nll, count = 0.0, 0
-    for w in windows:
-        logits = model(w.unsqueeze(0)[:, :-1]).logits[0].float()
-        nll += float(F.cross_entropy(logits, w[1:], reduction="sum"))
-        count += len(w) - 1
-    return math.exp(nll / count)
 
 
 @contextlib.contextmanager
@@ -203,11 +193,10 @@ def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPOR
                 add("neuron oracle", rule, s, t)
         for r in ranks:
             t = time.time()
-            factors, share = [], 0.0
-            for b, mom in zip(blocks, moments):
-                g, u = getattr(b, names[0]), getattr(b, names[1])
-                factors.append((whitened_factors(g.weight, mom, r), whitened_factors(u.weight, mom, r)))
-                share = 2 * r * (g.in_features + g.out_features) / (3 * g.in_features * g.out_features)
+            g0 = getattr(blocks[0], names[0])  # every MLP of the model has the same shape
+            share = 2 * r * (g0.in_features + g0.out_features) / (3 * g0.in_features * g0.out_features)
+            factors = [(whitened_factors(getattr(b, names[0]).weight, mom, r), whitened_factors(getattr(b, names[1]).weight, mom, r))
+                       for b, mom in zip(blocks, moments)]
             drop = s + share  # the predictor's bytes come out of the neurons' share
             if drop >= 1:
                 log(f"rank {r}: the predictor alone costs {share:.0%} of the MLP, over the budget")

@@ -46,7 +46,7 @@ from .config import GATE_MAX_SPARSITY, METHODS, SparsityConfig, _check_sparsity
 from .modules import SparseGatedMLP
 from .patch import find_family, sparse_modules, sparsify, unsparsify
 
-__all__ = ["evaluate", "EvalError", "EvalSettings", "DEFAULT_METHODS", "DEFAULT_SPARSITIES", "PROTOCOLS", "EVAL_MODES", "ROW_FIELDS"]
+__all__ = ["evaluate", "perplexity", "EvalError", "EvalSettings", "DEFAULT_METHODS", "DEFAULT_SPARSITIES", "PROTOCOLS", "EVAL_MODES", "ROW_FIELDS"]
 
 DEFAULT_METHODS = ("dense",) + METHODS
 DEFAULT_SPARSITIES = (0.3, 0.5, 0.7)
@@ -197,6 +197,17 @@ class _Acc:
     def metrics(self) -> dict:
         nll = self.nll / self.n
         return {"nll": nll, "ppl": math.exp(nll), "kl": self.kl / self.n, "top1": self.agree / self.n, "n_tokens": self.n}
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: Iterable[torch.Tensor]) -> float:
+    """exp(mean next-token NLL) of ``model`` over independent 1-D token windows (batch 1, no cache)."""
+    nll, count = 0.0, 0
+    for w in windows:
+        logits = model(w.unsqueeze(0)[:, :-1]).logits[0].float()
+        nll += float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum"))
+        count += len(w) - 1
+    return math.exp(nll / count)
 
 
 def weight_read_fraction(model: nn.Module) -> float:

@@ -6,6 +6,7 @@ activation-aware low-rank factor (``SparsityConfig(lowrank="activation")``).
 
     python bench/calibration_study.py                       # defaults: 50 % and 70 %
     python bench/calibration_study.py --levels 0.5 --eval-windows 8 --out results.json
+    python bench/calibration_study.py --levels 0.5 --targets all   # budget over q/k/v/o and the MLP
 
 Evaluation reads the first 80 % of the token stream (`sparse_infer.data.split_tokens`),
 calibration 16 x 512 tokens of the last 20 %: the two never overlap.  One dense
@@ -39,6 +40,8 @@ def main(argv=None):
     p.add_argument("--iterations", type=int, default=None, help="search candidates (default of calibrate)")
     p.add_argument("--time-budget", type=float, default=None, help="search seconds (default of calibrate)")
     p.add_argument("--methods", nargs="+", default=["topk", "threshold", "threshold-greedy", "threshold-search", "rsparse", "rsparse-uniform", "rsparse-greedy", "rsparse-search"])
+    p.add_argument("--targets", default="mlp", choices=["mlp", "attn", "all"],
+                   help="which linears share the budget (all: TEAL's model-level sparsity over q/k/v/o and the MLP)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -69,7 +72,7 @@ def main(argv=None):
                     alloc, lowrank = alloc[: -len(suffix)], kind
             if alloc in ("act", "svd"):
                 alloc, lowrank = "uniform", {"act": "activation", "svd": "svd"}[alloc]
-            cfg = SparsityConfig(method=method, sparsity=level, targets="mlp", allocation=alloc, seed=args.seed, lowrank=lowrank)
+            cfg = SparsityConfig(method=method, sparsity=level, targets=args.targets, allocation=alloc, seed=args.seed, lowrank=lowrank)
             t0 = time.time()
             cal = None
             if cfg.needs_calibration or "-" in name:  # "rsparse-uniform": calibrated rank split and thresholds
@@ -102,7 +105,7 @@ def main(argv=None):
         print(f"{r['method']:<18}{r['sparsity']:>9.2f}{r.get('measured_sparsity', 0.0):>9.3f}{r['ppl']:>10.3f}{r['ratio']:>9.3f}")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"rows": rows, "split": calib.meta, "eval_windows": len(windows), "window": args.window,
+            json.dump({"rows": rows, "targets": args.targets, "split": calib.meta, "eval_windows": len(windows), "window": args.window,
                        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
                        "threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=1)
     return rows

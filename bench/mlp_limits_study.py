@@ -16,8 +16,12 @@ sparsity = half the bytes) and is scored by held-out perplexity against the dens
 * ``neuron predictor``: the same, ranked by ``silu(ĝ)·û`` from activation-aware rank-``r``
   factors of gate and up (whitened by the calibration inputs' second moments), the factors'
   bytes counted in the budget.
+* ``neuron predictor, input top-p``: two passes; the first reads the columns of gate and up
+  for the top ``p`` share of input channels (``|x_i|``) and ranks the neurons by the
+  approximate ``silu(g̃)·ũ``; the second reads the chosen neurons' rows of gate and up and
+  columns of down in full.  Both passes count (``2p/3`` of the MLP, plus the neurons').
 
-    python bench/mlp_limits_study.py                 # ~5 min on 2 CPU cores
+    python bench/mlp_limits_study.py                 # ~6 min on 2 CPU cores
     python bench/mlp_limits_study.py --levels 0.5 --eval-windows 8 --out limits.json
 
 Evaluation reads the first 80 % of the token stream, calibration (Fisher, second moments)
@@ -42,6 +46,7 @@ from sparse_infer.patch import decoder_layers, find_family
 
 IMPORTANCES = ("abs", "norm", "fisher")
 RANKS = (32, 64, 128)
+PREDICTOR_DENSITIES = (0.15, 0.3)
 
 
 @contextlib.contextmanager
@@ -139,7 +144,7 @@ def _input_forward(lin: nn.Linear, sparsity: float, scale: Optional[torch.Tensor
     return forward
 
 
-def _neuron_forward(mlp, names, drop: float, rule: str, factors=None):
+def _neuron_forward(mlp, names, drop: float, rule: str, factors=None, density: float = 0.0):
     g_name, u_name, d_name = names
 
     def forward(x):
@@ -150,6 +155,9 @@ def _neuron_forward(mlp, names, drop: float, rule: str, factors=None):
             score = g
         elif rule == "h":
             score = h
+        elif rule == "input":  # first pass: gate and up on the top `density` input channels
+            xs = ref.apply_mask(x, ref.topk_mask(x, max(1, int(round(density * x.shape[-1])))))
+            score = mlp.act_fn(gate(xs)) * up(xs)
         else:  # low-rank predictor of h
             (ag, bg), (au, bu) = factors
             score = mlp.act_fn((x @ ag) @ bg) * ((x @ au) @ bu)
@@ -159,7 +167,7 @@ def _neuron_forward(mlp, names, drop: float, rule: str, factors=None):
 
 
 def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPORTANCES, ranks=RANKS,
-        seed: int = 0, log=print) -> List[dict]:
+        seed: int = 0, log=print, densities=PREDICTOR_DENSITIES) -> List[dict]:
     """The study's rows (dicts with ``family``, ``rule``, ``sparsity``, ``ppl``, ``ratio``)."""
     blocks, names = mlps(model)
     lins = [getattr(b, n) for b in blocks for n in names]
@@ -203,6 +211,15 @@ def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPOR
                 continue
             with replaced_forward({b: _neuron_forward(b, names, drop, "lowrank", f) for b, f in zip(blocks, factors)}):
                 add("neuron predictor", f"rank {r}", s, t, neuron_drop=drop, predictor_share=share)
+        for p in densities:
+            t = time.time()
+            share = 2 * p / 3  # the first pass reads p of gate's and up's columns
+            drop = s + share
+            if drop >= 1:
+                log(f"input top-{p:.0%}: the first pass alone costs {share:.0%} of the MLP, over the budget")
+                continue
+            with replaced_forward({b: _neuron_forward(b, names, drop, "input", density=p) for b in blocks}):
+                add("neuron predictor", f"input top-{p:.0%}", s, t, neuron_drop=drop, predictor_share=share)
     return rows
 
 
@@ -222,12 +239,17 @@ def main(argv=None):
     p.add_argument("--calib-windows", type=int, default=8)
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--ranks", type=int, nargs="*", default=list(RANKS))
+    p.add_argument("--densities", type=float, nargs="*", default=list(PREDICTOR_DENSITIES),
+                   help="input shares read by the two-pass neuron predictor's first pass")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
     for s in args.levels:
         if not 0.0 <= s < 1.0:
             p.error(f"--levels must lie in [0, 1), got {s}")
+    for d in args.densities:
+        if not 0.0 < d <= 1.0:
+            p.error(f"--densities must lie in (0, 1], got {d}")
 
     from sparse_infer import data as D
     from sparse_infer.models import load_model
@@ -238,7 +260,7 @@ def main(argv=None):
     eval_ids, calib_ids, _ = D.split_tokens(D.tokenize(text.text, tok))
     evals = D.windows(eval_ids, args.window, args.eval_windows)
     calib = D.windows(calib_ids, args.window, args.calib_windows)
-    rows = run(model, evals, calib, args.levels, ranks=args.ranks, seed=args.seed)
+    rows = run(model, evals, calib, args.levels, ranks=args.ranks, seed=args.seed, densities=args.densities)
     print(f"\n{args.model or 'SmolLM2-135M'}, {text.source}: {len(evals)} x {args.window} held-out tokens, "
           f"calibration {len(calib)} x {args.window} tokens of the last 20 %\n")
     print(markdown(rows))

@@ -244,11 +244,15 @@ def _token_windows(n, length, seed):
 
 
 def test_limits_study_tiny_run(ls, tiny):
-    rows = ls.run(tiny, _token_windows(2, 33, 0), _token_windows(2, 33, 1), levels=(0.5,), ranks=(4,), log=lambda s: None)
+    rows = ls.run(tiny, _token_windows(2, 33, 0), _token_windows(2, 33, 1), levels=(0.5,), ranks=(4,), log=lambda s: None,
+                  densities=(0.3, 0.9))
     kinds = [(r["family"], r["rule"]) for r in rows]
     assert kinds[0] == ("dense", "-") and rows[0]["ratio"] == 1.0
     assert {("input top-k", i) for i in ls.IMPORTANCES} <= set(kinds)
     assert ("neuron oracle", "h") in kinds and ("neuron predictor", "rank 4") in kinds
+    two_pass = [r for r in rows if r["rule"] == "input top-30%"]
+    assert len(two_pass) == 1 and two_pass[0]["neuron_drop"] == pytest.approx(0.5 + 0.2)
+    assert ("neuron predictor", "input top-90%") not in kinds  # its first pass alone is over the budget
     assert all(math.isfinite(r["ppl"]) for r in rows)
     assert "| input top-k | fisher | 50% |" in ls.markdown(rows)
     # the swapped forwards are gone: the model is dense again
@@ -261,6 +265,16 @@ def test_limits_study_neuron_oracle_at_zero_drop_is_dense(ls, tiny):
     for rule in ("gate", "h"):
         out = ls._neuron_forward(blocks[0], names, 0.0, rule)(x)
         torch.testing.assert_close(out, blocks[0](x))
+
+
+def test_limits_study_two_pass_predictor_reading_every_input_is_the_h_oracle(ls, tiny):
+    blocks, names = ls.mlps(tiny)
+    x = torch.randn(2, 7, tiny.config.hidden_size)
+    for drop in (0.3, 0.6):
+        out = ls._neuron_forward(blocks[1], names, drop, "input", density=1.0)(x)
+        torch.testing.assert_close(out, ls._neuron_forward(blocks[1], names, drop, "h")(x))
+    # reading fewer inputs changes the choice (the test would pass trivially if it did not)
+    assert not torch.equal(ls._neuron_forward(blocks[1], names, 0.6, "input", density=0.1)(x), out)
 
 
 def test_limits_study_whitened_factors_full_rank_is_exact(ls):
@@ -290,3 +304,28 @@ def test_limits_study_fisher_is_per_output_and_restores_grad_flags(ls, tiny):
 def test_limits_study_rejects_bad_level(ls):
     with pytest.raises(SystemExit):
         ls.main(["--levels", "1.0"])
+    with pytest.raises(SystemExit):
+        ls.main(["--densities", "0"])
+
+
+# ----------------------------------------------------------------------------- calibration_study
+def test_calibration_study_small_run(smollm2, tmp_path):
+    cs = _load("calibration_study")
+    out = tmp_path / "study.json"
+    rows = cs.main(["--levels", "0.5", "--eval-windows", "1", "--window", "64", "--calib-samples", "2",
+                    "--methods", "topk", "threshold", "--targets", "all", "--out", str(out)])
+    assert [r["method"] for r in rows] == ["dense", "topk", "threshold"]
+    assert rows[0]["ratio"] == 1.0 and all(math.isfinite(r["ppl"]) and r["ppl"] > 1 for r in rows)
+    topk = rows[1]
+    assert topk["nominal_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert topk["measured_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert topk["ratio"] > 1.0  # half the weight bytes of every linear cannot be free
+    saved = __import__("json").loads(out.read_text())
+    assert saved["targets"] == "all" and len(saved["rows"]) == 3
+
+
+def test_calibration_study_rejects_unknown_targets(capsys):
+    cs = _load("calibration_study")
+    with pytest.raises(SystemExit):
+        cs.main(["--targets", "lm_head"])
+    assert "invalid choice" in capsys.readouterr().err

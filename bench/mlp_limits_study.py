@@ -20,8 +20,11 @@ sparsity = half the bytes) and is scored by held-out perplexity against the dens
   for the top ``p`` share of input channels (``|x_i|``) and ranks the neurons by the
   approximate ``silu(g̃)·ũ``; the second reads the chosen neurons' rows of gate and up and
   columns of down in full.  Both passes count (``2p/3`` of the MLP, plus the neurons').
+* ``neuron predictor, trained rank r`` (Deja Vu style): per MLP, a two-layer ReLU network
+  ``x -> r -> neurons`` trained on the calibration tokens (binary cross-entropy against each
+  token's top neurons by ``|h|``), its bytes counted; ranks neurons by its output.
 
-    python bench/mlp_limits_study.py                 # ~6 min on 2 CPU cores
+    python bench/mlp_limits_study.py                 # ~9 min on 2 CPU cores
     python bench/mlp_limits_study.py --levels 0.5 --eval-windows 8 --out limits.json
 
 Evaluation reads the first 80 % of the token stream, calibration (Fisher, second moments)
@@ -47,6 +50,7 @@ from sparse_infer.patch import decoder_layers, find_family
 IMPORTANCES = ("abs", "norm", "fisher")
 RANKS = (32, 64, 128)
 PREDICTOR_DENSITIES = (0.15, 0.3)
+TRAINED_RANKS = (96,)
 
 
 @contextlib.contextmanager
@@ -158,6 +162,8 @@ def _neuron_forward(mlp, names, drop: float, rule: str, factors=None, density: f
         elif rule == "input":  # first pass: gate and up on the top `density` input channels
             xs = ref.apply_mask(x, ref.topk_mask(x, max(1, int(round(density * x.shape[-1])))))
             score = mlp.act_fn(gate(xs)) * up(xs)
+        elif rule == "trained":
+            score = factors(x).sigmoid()  # sigmoid: the ranking must not see |logit| of "off" neurons
         else:  # low-rank predictor of h
             (ag, bg), (au, bu) = factors
             score = mlp.act_fn((x @ ag) @ bg) * ((x @ au) @ bu)
@@ -166,8 +172,55 @@ def _neuron_forward(mlp, names, drop: float, rule: str, factors=None, density: f
     return forward
 
 
+@torch.no_grad()
+def mlp_samples(model, windows):
+    """Per MLP, its inputs ``x`` (tokens, hidden) and ``|h|`` (tokens, intermediate) over the windows."""
+    blocks, names = mlps(model)
+    xs, hs = [[] for _ in blocks], [[] for _ in blocks]
+
+    def hook(i):
+        def f(m, args, _out):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            gate, up = getattr(m, names[0]), getattr(m, names[1])
+            xs[i].append(x.clone())
+            hs[i].append((m.act_fn(gate(x)) * up(x)).abs())
+        return f
+
+    hooks = [b.register_forward_hook(hook(i)) for i, b in enumerate(blocks)]
+    try:
+        for w in windows:
+            model(w.unsqueeze(0))
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.cat(a) for a in xs], [torch.cat(a) for a in hs]
+
+
+def train_predictor(x: torch.Tensor, h_abs: torch.Tensor, keep: int, rank: int, steps: int = 200,
+                    batch: int = 1024, seed: int = 0) -> nn.Module:
+    """A ``x -> rank -> neurons`` ReLU network whose logits rank the ``keep`` largest ``|h|`` first
+    (binary cross-entropy against each token's top-``keep`` set; inputs standardized)."""
+    gen = torch.Generator().manual_seed(seed)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Linear(x.shape[1], rank), nn.ReLU(), nn.Linear(rank, h_abs.shape[1]))
+    labels = ref.topk_mask(h_abs, keep).float()
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (batch,), generator=gen)
+            loss = F.binary_cross_entropy_with_logits(net((x[idx] - mu) / sd), labels[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    net.requires_grad_(False)
+    return lambda z: net((z - mu) / sd)
+
+
 def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPORTANCES, ranks=RANKS,
-        seed: int = 0, log=print, densities=PREDICTOR_DENSITIES) -> List[dict]:
+        seed: int = 0, log=print, densities=PREDICTOR_DENSITIES, trained_ranks=TRAINED_RANKS,
+        train_steps: int = 200) -> List[dict]:
     """The study's rows (dicts with ``family``, ``rule``, ``sparsity``, ``ppl``, ``ratio``)."""
     blocks, names = mlps(model)
     lins = [getattr(b, n) for b in blocks for n in names]
@@ -184,6 +237,7 @@ def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPOR
     t = time.time()
     fisher = fisher_diag(model, calib_windows, seed) if "fisher" in importances else {}
     moments = input_moments(model, calib_windows) if ranks else []
+    samples = mlp_samples(model, calib_windows) if trained_ranks else None
     log(f"calibration passes (Fisher, input moments): {time.time() - t:.0f} s")
     scales = {
         "abs": {m: None for m in lins},
@@ -220,6 +274,18 @@ def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPOR
                 continue
             with replaced_forward({b: _neuron_forward(b, names, drop, "input", density=p) for b in blocks}):
                 add("neuron predictor", f"input top-{p:.0%}", s, t, neuron_drop=drop, predictor_share=share)
+        for r in trained_ranks:
+            t = time.time()
+            g0 = getattr(blocks[0], names[0])
+            share = r * (g0.in_features + g0.out_features) / (3 * g0.in_features * g0.out_features)
+            drop = s + share
+            if drop >= 1:
+                log(f"trained rank {r}: the predictor alone costs {share:.0%} of the MLP, over the budget")
+                continue
+            keep = int(round((1 - drop) * g0.out_features))
+            nets = [train_predictor(x, h, keep, r, train_steps, seed=seed + i) for i, (x, h) in enumerate(zip(*samples))]
+            with replaced_forward({b: _neuron_forward(b, names, drop, "trained", net) for b, net in zip(blocks, nets)}):
+                add("neuron predictor", f"trained rank {r}", s, t, neuron_drop=drop, predictor_share=share)
     return rows
 
 
@@ -241,6 +307,9 @@ def main(argv=None):
     p.add_argument("--ranks", type=int, nargs="*", default=list(RANKS))
     p.add_argument("--densities", type=float, nargs="*", default=list(PREDICTOR_DENSITIES),
                    help="input shares read by the two-pass neuron predictor's first pass")
+    p.add_argument("--trained-ranks", type=int, nargs="*", default=list(TRAINED_RANKS),
+                   help="hidden widths of the trained (Deja Vu style) neuron predictor")
+    p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     args = p.parse_args(argv)
@@ -260,7 +329,8 @@ def main(argv=None):
     eval_ids, calib_ids, _ = D.split_tokens(D.tokenize(text.text, tok))
     evals = D.windows(eval_ids, args.window, args.eval_windows)
     calib = D.windows(calib_ids, args.window, args.calib_windows)
-    rows = run(model, evals, calib, args.levels, ranks=args.ranks, seed=args.seed, densities=args.densities)
+    rows = run(model, evals, calib, args.levels, ranks=args.ranks, seed=args.seed, densities=args.densities,
+               trained_ranks=args.trained_ranks, train_steps=args.train_steps)
     print(f"\n{args.model or 'SmolLM2-135M'}, {text.source}: {len(evals)} x {args.window} held-out tokens, "
           f"calibration {len(calib)} x {args.window} tokens of the last 20 %\n")
     print(markdown(rows))

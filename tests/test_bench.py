@@ -245,7 +245,7 @@ def _token_windows(n, length, seed):
 
 def test_limits_study_tiny_run(ls, tiny):
     rows = ls.run(tiny, _token_windows(2, 33, 0), _token_windows(2, 33, 1), levels=(0.5,), ranks=(4,), log=lambda s: None,
-                  densities=(0.3, 0.9))
+                  densities=(0.3, 0.9), trained_ranks=(4,), train_steps=5)
     kinds = [(r["family"], r["rule"]) for r in rows]
     assert kinds[0] == ("dense", "-") and rows[0]["ratio"] == 1.0
     assert {("input top-k", i) for i in ls.IMPORTANCES} <= set(kinds)
@@ -253,6 +253,7 @@ def test_limits_study_tiny_run(ls, tiny):
     two_pass = [r for r in rows if r["rule"] == "input top-30%"]
     assert len(two_pass) == 1 and two_pass[0]["neuron_drop"] == pytest.approx(0.5 + 0.2)
     assert ("neuron predictor", "input top-90%") not in kinds  # its first pass alone is over the budget
+    assert ("neuron predictor", "trained rank 4") in kinds
     assert all(math.isfinite(r["ppl"]) for r in rows)
     assert "| input top-k | fisher | 50% |" in ls.markdown(rows)
     # the swapped forwards are gone: the model is dense again
@@ -275,6 +276,22 @@ def test_limits_study_two_pass_predictor_reading_every_input_is_the_h_oracle(ls,
         torch.testing.assert_close(out, ls._neuron_forward(blocks[1], names, drop, "h")(x))
     # reading fewer inputs changes the choice (the test would pass trivially if it did not)
     assert not torch.equal(ls._neuron_forward(blocks[1], names, 0.6, "input", density=0.1)(x), out)
+
+
+def test_limits_study_trained_predictor_learns_a_learnable_ranking(ls):
+    # |h| = relu of a rank-4 map of x: representable by a rank-8 ReLU network, so it must beat chance by far
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3000, 16, generator=g) * torch.linspace(0.2, 5, 16)
+    h = torch.relu(x @ torch.randn(16, 4, generator=g) @ torch.randn(4, 40, generator=g))
+    keep = 10
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    net = ls.train_predictor(x[:2500], h[:2500], keep, rank=8, steps=300, seed=1)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is untouched
+    ref_mask = ls.ref.topk_mask(h[2500:], keep)
+    got = ls.ref.topk_mask(net(x[2500:]).sigmoid(), keep)
+    recall = float((got & ref_mask).sum() / ref_mask.sum())
+    assert recall > 0.7, recall  # chance is keep / 40 = 0.25
 
 
 def test_limits_study_whitened_factors_full_rank_is_exact(ls):

@@ -130,14 +130,21 @@ def input_moments(model, windows) -> List[torch.Tensor]:
     return [a / count[0] for a in acc]
 
 
-def whitened_factors(weight: torch.Tensor, moment: torch.Tensor, rank: int):
-    """``(A, B)`` with ``x ↦ (x A) B`` the rank-``r`` map of least ``E||(W - L) x||²`` on inputs of
-    second moment ``moment`` (projection on the top left singular vectors of ``W·moment^½``)."""
+def whitened_bases(weight: torch.Tensor, moment: torch.Tensor):
+    """``(A, B)`` of full rank whose leading ``r`` columns of ``A`` and rows of ``B`` are
+    `whitened_factors` at rank ``r``: one eigendecomposition and one SVD serve every rank."""
     W = weight.detach().double().cpu()
     evals, Q = torch.linalg.eigh(moment)
     root = (Q * evals.clamp_min(0).sqrt()) @ Q.T
-    U = torch.linalg.svd(W @ root, full_matrices=False).U[:, :rank]
+    U = torch.linalg.svd(W @ root, full_matrices=False).U
     return (W.T @ U).to(weight.dtype), U.T.contiguous().to(weight.dtype)
+
+
+def whitened_factors(weight: torch.Tensor, moment: torch.Tensor, rank: int):
+    """``(A, B)`` with ``x ↦ (x A) B`` the rank-``r`` map of least ``E||(W - L) x||²`` on inputs of
+    second moment ``moment`` (projection on the top left singular vectors of ``W·moment^½``)."""
+    A, B = whitened_bases(weight, moment)
+    return A[:, :rank], B[:rank]
 
 
 def _input_forward(lin: nn.Linear, sparsity: float, scale: Optional[torch.Tensor]):
@@ -242,6 +249,30 @@ def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPOR
     moments = input_moments(model, calib_windows) if ranks else []
     samples = mlp_samples(model, calib_windows) if trained_ranks else None
     log(f"calibration passes (Fisher, input moments): {time.time() - t:.0f} s")
+    g0 = getattr(blocks[0], names[0])  # every MLP of the model has the same shape
+    mlp_weights = 3 * g0.in_features * g0.out_features
+    # per MLP, (gate, up) bases of the whitened low-rank predictor: sliced per rank, not recomputed
+    bases = [(whitened_bases(getattr(b, names[0]).weight, mom), whitened_bases(getattr(b, names[1]).weight, mom))
+             for b, mom in zip(blocks, moments)]
+
+    def lowrank(r):
+        return [((ag[:, :r], bg[:r]), (au[:, :r], bu[:r])) for (ag, bg), (au, bu) in bases]
+
+    def predictor_row(rule, s, share, forwards):
+        """One ``neuron predictor`` row; ``forwards(drop)`` gives the swapped MLP forwards."""
+        drop = s + share  # the predictor's bytes come out of the neurons' share
+        if drop >= 1:
+            log(f"{rule}: the predictor alone costs {share:.0%} of the MLP, over the budget")
+            return
+        t = time.time()
+        with replaced_forward(forwards(drop)):
+            add("neuron predictor", rule, s, t, neuron_drop=drop, predictor_share=share)
+
+    def trained(r, drop):
+        keep = int(round((1 - drop) * g0.out_features))
+        nets = [train_predictor(x, h, keep, r, train_steps, seed=seed + i) for i, (x, h) in enumerate(zip(*samples))]
+        return {b: _neuron_forward(b, names, drop, "trained", net) for b, net in zip(blocks, nets)}
+
     scales = {
         "abs": {m: None for m in lins},
         "norm": {m: ref.column_norms(m.weight) for m in lins},
@@ -256,39 +287,16 @@ def run(model, eval_windows, calib_windows, levels=(0.5, 0.7), importances=IMPOR
             t = time.time()
             with replaced_forward({b: _neuron_forward(b, names, s, rule) for b in blocks}):
                 add("neuron oracle", rule, s, t)
-        for r in ranks:
-            t = time.time()
-            g0 = getattr(blocks[0], names[0])  # every MLP of the model has the same shape
-            share = 2 * r * (g0.in_features + g0.out_features) / (3 * g0.in_features * g0.out_features)
-            factors = [(whitened_factors(getattr(b, names[0]).weight, mom, r), whitened_factors(getattr(b, names[1]).weight, mom, r))
-                       for b, mom in zip(blocks, moments)]
-            drop = s + share  # the predictor's bytes come out of the neurons' share
-            if drop >= 1:
-                log(f"rank {r}: the predictor alone costs {share:.0%} of the MLP, over the budget")
-                continue
-            with replaced_forward({b: _neuron_forward(b, names, drop, "lowrank", f) for b, f in zip(blocks, factors)}):
-                add("neuron predictor", f"rank {r}", s, t, neuron_drop=drop, predictor_share=share)
-        for p in densities:
-            t = time.time()
-            share = 2 * p / 3  # the first pass reads p of gate's and up's columns
-            drop = s + share
-            if drop >= 1:
-                log(f"input top-{p:.0%}: the first pass alone costs {share:.0%} of the MLP, over the budget")
-                continue
-            with replaced_forward({b: _neuron_forward(b, names, drop, "input", density=p) for b in blocks}):
-                add("neuron predictor", f"input top-{p:.0%}", s, t, neuron_drop=drop, predictor_share=share)
-        for r in trained_ranks:
-            t = time.time()
-            g0 = getattr(blocks[0], names[0])
-            share = r * (g0.in_features + g0.out_features) / (3 * g0.in_features * g0.out_features)
-            drop = s + share
-            if drop >= 1:
-                log(f"trained rank {r}: the predictor alone costs {share:.0%} of the MLP, over the budget")
-                continue
-            keep = int(round((1 - drop) * g0.out_features))
-            nets = [train_predictor(x, h, keep, r, train_steps, seed=seed + i) for i, (x, h) in enumerate(zip(*samples))]
-            with replaced_forward({b: _neuron_forward(b, names, drop, "trained", net) for b, net in zip(blocks, nets)}):
-                add("neuron predictor", f"trained rank {r}", s, t, neuron_drop=drop, predictor_share=share)
+        for r in ranks:  # low-rank factors of gate and up
+            f = lowrank(r)
+            predictor_row(f"rank {r}", s, 2 * r * (g0.in_features + g0.out_features) / mlp_weights,
+                          lambda drop: {b: _neuron_forward(b, names, drop, "lowrank", fb) for b, fb in zip(blocks, f)})
+        for p in densities:  # the first pass reads p of gate's and up's columns
+            predictor_row(f"input top-{p:.0%}", s, 2 * p / 3,
+                          lambda drop: {b: _neuron_forward(b, names, drop, "input", density=p) for b in blocks})
+        for r in trained_ranks:  # x -> r -> neurons
+            predictor_row(f"trained rank {r}", s, r * (g0.in_features + g0.out_features) / mlp_weights,
+                          lambda drop: trained(r, drop))
     return rows
 
 

@@ -512,37 +512,37 @@ def search(model: nn.Module, stats, curves: List[Curve], config: SparsityConfig,
     best_loss = kl_uniform = score(best, "uniform")
     bar.update(1)
     done = 1
-    kl_greedy = None
-    if done < iterations and time.time() - t0 < time_budget_s:
-        g = greedy(curves, target)
-        kl_greedy = score(g, "greedy")
+
+    def has_room() -> bool:
+        return done < iterations and time.time() - t0 < time_budget_s
+
+    def consider(alloc, label):
+        """Score one more candidate and keep it if it beats the best so far: ``(loss, improved)``."""
+        nonlocal done, best, best_loss
+        loss = score(alloc, label)
         done += 1
         bar.update(1)
-        if kl_greedy < best_loss:
-            best, best_loss = g, kl_greedy
+        improved = loss < best_loss
+        if improved:
+            best, best_loss = alloc, loss
+        return loss, improved
+
+    kl_greedy = consider(greedy(curves, target), "greedy")[0] if has_room() else None
     kl_sensitivity = {}
-    if done < iterations and time.time() - t0 < time_budget_s:
+    if has_room():
         bar.set_description(f"layer sensitivities ({config.method} {target:.0%})")
         sens = sensitivities(model, stats, curves, config, progress=False)
         bar.set_description(f"allocation search ({config.method} {target:.0%})")
         for power in SENSITIVITY_POWERS:
-            if done >= iterations or time.time() - t0 >= time_budget_s:
+            if not has_room():
                 break
             a = greedy(curves, target, weights=sensitivity_weights(curves, sens, power))
-            loss = kl_sensitivity[power] = score(a, f"sensitivity p={power}")
-            done += 1
-            bar.update(1)
-            if loss < best_loss:
-                best, best_loss = a, loss
+            kl_sensitivity[power] = consider(a, f"sensitivity p={power}")[0]
     step = 1.0
-    while done < iterations and time.time() - t0 < time_budget_s:
+    while has_room():
         theta = best_theta + step * scales * torch.randn(dims, generator=gen)
-        alloc = decode(theta)
-        loss = score(alloc, f"es{done}")
-        done += 1
-        bar.update(1)
-        if loss < best_loss:
-            best, best_loss, best_theta = alloc, loss, theta
+        if consider(decode(theta), f"es{done}")[1]:
+            best_theta = theta
             step = min(2.0, step * 1.5)
         else:
             step = max(0.2, step * 0.85)

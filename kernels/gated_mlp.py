@@ -72,9 +72,10 @@ Limitations
   gain at M = 1; threshold gating (calibrated thresholds) is the fast mode.  A
   radix variant through ``tl.histogram`` (SELECT_RADIX) was slower (82 us).
 * Offsets are int32: each weight must have fewer than 2**31 elements.
-* Shared-mode scores are the mean over tokens summed in token order then divided
-  by M; torch's CUDA mean multiplies by 1/M instead, which can differ by one
-  ulp (matters only for a threshold sitting exactly on a mean).
+* Shared-mode scores are the RMS over tokens: squares summed in token order, divided
+  by M, ``sqrt_rn``; torch's CUDA mean multiplies by 1/M instead, and the GPU may
+  fuse a square into the sum (FMA), each of which can differ by one ulp (matters
+  only for a threshold sitting exactly on a score, or two scores one ulp apart).
 * The tile configurations come from a small sweep on H100 for Llama-3-8B shapes; the
   fastest layout for ``Wd`` is column-major (``stride(0) == 1``, i.e.
   ``w.t().contiguous().t()``); any strides are correct.
@@ -156,8 +157,8 @@ def _score_bits(h_ptr, scale_ptr, rows, row_ok, offs, valid, M, N,
     """Ranking scores of channels ``offs`` for ``rows``, as int32 bits ([R, BLOCK]).
 
     Bits of a score >= 0 order like the scores; NaN maps to inf (ranks first); -1
-    where not valid.  Per token: |h[row] * s|.  Shared (one row): mean over the M
-    tokens of |h[m] * s|, summed in token order.
+    where not valid.  Per token: |h[row] * s|.  Shared (one row): RMS over the M
+    tokens of h[m] * s, squares summed in token order.
     """
     if HAS_SCALE:
         s = tl.load(scale_ptr + offs, mask=valid, other=0.0).to(tl.float32)[None, :]
@@ -168,8 +169,8 @@ def _score_bits(h_ptr, scale_ptr, rows, row_ok, offs, valid, M, N,
             hv = tl.load(h_ptr + m * N + offs, mask=valid, other=0.0)[None, :]
             if HAS_SCALE:
                 hv = hv * s
-            acc += tl.abs(hv)
-        score = acc / M
+            acc += hv * hv
+        score = tl.sqrt_rn(acc / M)
     else:
         hv = tl.load(h_ptr + rows[:, None] * N + offs[None, :], mask=ok, other=0.0)
         if HAS_SCALE:
@@ -280,8 +281,8 @@ def _gate_up_kernel(
             if HAS_SCALE:
                 score = score * tl.load(scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             score = tl.abs(score)
-            if MASK_MODE == 1:  # shared: mean over the tokens
-                score = tl.sum(tl.where(mn_ok, score, 0.0), axis=0)[None, :] / M
+            if MASK_MODE == 1:  # shared: RMS over the tokens
+                score = tl.sqrt_rn(tl.sum(tl.where(mn_ok, score * score, 0.0), axis=0)[None, :] / M)
             if T_MODE == 0:
                 t = thr_val
                 act_mn = ~(score <= t)

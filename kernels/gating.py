@@ -7,9 +7,10 @@ Semantics are those of ``sparse_infer.reference`` (the spec):
 * top-k keeps the ``k`` largest scores per row, NaN ranked above every number,
   ties broken towards the lower channel index (stable descending sort);
 * threshold keeps ``not (score <= t)`` (NaN stays active), ``t`` scalar or (in,);
-* shared mode ranks / thresholds the mean score over the tokens of one decode
-  step: all tokens of a 2-D ``x``; for ``(batch, seq, in)`` one mask per position
-  ``seq`` (mean over the batch), as ``reference.shared_topk_mask``.
+* shared mode ranks / thresholds the root mean square of ``x * s`` over the
+  tokens of one decode step (squares summed in token order, ``/ M``, ``sqrt_rn``):
+  all tokens of a 2-D ``x``; for ``(batch, seq, in)`` one mask per position
+  ``seq`` (RMS over the batch), as ``reference.shared_topk_mask``.
 
 Top-k selection (``_topk_kernel``) is a 31-step bisection on the IEEE bit
 pattern of the non-negative fp32 scores (monotone as int32), which finds the
@@ -53,13 +54,14 @@ def _score(x_ptr, s_ptr, row_off, offs, ok, stride_xk, HAS_SCALE: tl.constexpr):
 @triton.jit
 def _row_score(x_ptr, s_ptr, row, offs, ok, M, stride_xr, stride_xm, stride_xk,
                HAS_SCALE: tl.constexpr, SHARED: tl.constexpr):
-    """Score of one chunk: row ``row``'s own, or (shared mode) the mean over the M
+    """Score of one chunk: row ``row``'s own, or (shared mode) the RMS over the M
     tokens ``row * stride_xr + m * stride_xm`` of decode step ``row``."""
     if SHARED:
         acc = tl.zeros(offs.shape, tl.float32)
         for m in range(0, M):
-            acc += _score(x_ptr, s_ptr, row * stride_xr + m * stride_xm, offs, ok, stride_xk, HAS_SCALE)
-        sc = acc / M
+            v = _score(x_ptr, s_ptr, row * stride_xr + m * stride_xm, offs, ok, stride_xk, HAS_SCALE)
+            acc += v * v
+        sc = tl.sqrt_rn(acc / M)
     else:
         sc = _score(x_ptr, s_ptr, row * stride_xr, offs, ok, stride_xk, HAS_SCALE)
     return sc
@@ -167,7 +169,7 @@ def _pregate_kernel(
     """Gate a block of channels for all M tokens: writes where(keep, x, 0) (M, K) and the union
     of active channels (K,) int8; with WRITE_INV also where(keep, 0, x) and the union of inactive
     channels.  MODE as in sparse_matmul: 0 threshold, 1 int8 mask (M, K), 2 shared threshold
-    (mean over the M tokens), 3 shared int8 mask (K,)."""
+    (RMS over the M tokens), 3 shared int8 mask (K,)."""
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < K
     if MODE == 0 or MODE == 2:
@@ -181,9 +183,9 @@ def _pregate_kernel(
             xf = tl.load(x_ptr + m * stride_xm + offs * stride_xk, mask=ok, other=0.0).to(tl.float32)
             if HAS_SCALE:
                 xf = xf * s
-            acc += tl.abs(xf)
-        mean = acc / M
-        shared_keep = ((mean > t) | (mean != mean) | (t != t)) & ok
+            acc += xf * xf
+        rms = tl.sqrt_rn(acc / M)
+        shared_keep = ((rms > t) | (rms != rms) | (t != t)) & ok
     elif MODE == 3:
         shared_keep = (tl.load(gm_ptr + offs * stride_gk, mask=ok, other=0) != 0) & ok
     any_v = tl.zeros((BLOCK,), tl.int32)
@@ -296,7 +298,7 @@ def _threshold_tensor(threshold, K: int, device) -> tuple[torch.Tensor, int]:
 def _rows_and_strides(x2: torch.Tensor, shared: bool, steps: int):
     """(programs, tokens per program M, row stride, member stride) for per-token or shared gating.
 
-    Shared mode scores the mean over the tokens of each decode step: ``x2`` is the
+    Shared mode scores the RMS over the tokens of each decode step: ``x2`` is the
     flattened ``(batch, steps, K)`` input, step ``s`` owns rows ``b * steps + s``.
     """
     N = x2.shape[0]

@@ -111,8 +111,8 @@ def _gate_tile(x, xf, xmask, offs_m, offs_k, k_ok, M, t_ptr, s_ptr, gm_ptr,
         if MODE == 0:
             keep = (sc > t[None, :]) | (sc != sc) | (t != t)[None, :]
         else:
-            mean = tl.sum(tl.where(xmask, sc, 0.0), axis=0) / M
-            k1 = (mean > t) | (mean != mean) | (t != t)
+            rms = tl.sqrt_rn(tl.sum(tl.where(xmask, sc * sc, 0.0), axis=0) / M)
+            k1 = (rms > t) | (rms != rms) | (t != t)
             keep = k1[None, :] & xmask
     elif MODE == 1:
         g = tl.load(gm_ptr + offs_m[:, None] * stride_gm + offs_k[None, :] * stride_gk, mask=xmask, other=0)

@@ -45,7 +45,7 @@ class SparsityConfig:
         targets: which linears: ``"mlp"`` (gate/up/down), ``"attn"`` (q/k/v/o), ``"all"``.
         mode: ``"per_token"`` (each token its own mask) or ``"shared"`` (one
             mask for all tokens of a decode step, the top-k channels of their
-            mean importance: the bytes read stay at the budget whatever the
+            RMS importance: the bytes read stay at the budget whatever the
             batch size; calibrated thresholds are not used in this mode).
         dense_prefill_above: a call with more tokens than this runs dense
             (decode-only sparsity, as R-Sparse evaluates); ``None`` sparsifies every token.

@@ -202,8 +202,8 @@ def plan_layers(model: nn.Module, config: SparsityConfig, calibration=None, fami
         else:
             active = (1.0 - s) * in_f
         k_override = _layer_setting(name, "k", None, calibration, config)
-        # Shared masks always take the top-k of the step's mean importance: thresholds are
-        # calibrated on single tokens, and a mean over a batch crosses them at another rate,
+        # Shared masks always take the top-k of the step's RMS importance: thresholds are
+        # calibrated on single tokens, and an RMS over a batch crosses them at another rate,
         # so only k keeps the bytes per step at the budget whatever the batch size.
         per_token_threshold = method == "threshold" or (calib.get("threshold") is not None and method != "topk")
         if per_token_threshold and config.mode != "shared":

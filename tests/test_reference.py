@@ -99,9 +99,17 @@ def test_gated_mlp_matches_dense_when_all_active_and_skips_masked():
 
 def test_shared_masks_one_row_per_decode_step():
     x = torch.tensor([[1.0, 0.0, 3.0], [0.0, 5.0, 0.5]])  # 2 tokens of one step
-    # mean |x| = [0.5, 2.5, 1.75]: top-2 = channels 1, 2
+    # RMS of x = [0.71, 3.54, 2.15]: top-2 = channels 1, 2
     assert ref.shared_topk_mask(x, 2).tolist() == [False, True, True]
     assert ref.shared_threshold_mask(x, 1.0).tolist() == [False, True, True]
+    assert ref.shared_threshold_mask(x, 2.2).tolist() == [False, True, False]
+    # RMS, not the mean of |x|: one large value outranks two medium ones (mean |x| = [2, 2.67],
+    # RMS = [3.46, 3.27]), since dropping it costs the batch more squared error
+    spiky = torch.tensor([[6.0, 0.0], [0.0, 4.0], [0.0, 4.0]])
+    assert ref.shared_topk_mask(spiky, 1).tolist() == [True, False]
+    # one token: the RMS is |x·s| itself, so shared and per-token masks agree
+    one = torch.randn(1, 64)
+    assert torch.equal(ref.shared_topk_mask(one, 20), ref.topk_mask(one, 20)[0])
     # (batch, seq, in): tokens at the same position share a mask
     x3 = torch.stack([x, x.flip(0)])  # batch 2, seq 2
     m = ref.shared_topk_mask(x3, 1)

@@ -104,7 +104,7 @@ def test_sparse_linear(shape, M, dtype):
 @pytest.mark.parametrize("kind", ["thresh", "topk"])
 @pytest.mark.parametrize("steps", [1, 3])
 def test_shared_per_decode_step(kind, steps):
-    """Shared gating of a (batch, seq, in) input: one mask per position seq (mean over the batch)."""
+    """Shared gating of a (batch, seq, in) input: one mask per position seq (RMS over the batch)."""
     g = torch.Generator().manual_seed(3)
     x = rnd(g, 4, steps, 37, dtype=torch.float16)
     w = rnd(g, 53, 37, dtype=torch.float16, scale=37 ** -0.5)

@@ -20,8 +20,8 @@ threshold gating (3 launches)
      from ``Wd`` only where some token has ``p != 0`` (NaN counts as non-zero);
      fp32 partial sums per split, no atomics (deterministic).
   3. ``_finalize_kernel``: sums the splits, adds ``bd``, propagates NaN, casts.
-top-k gating (5 launches): 1. becomes PHASE=0 (gate GEMV, writes h), then
-  ``_topk_select_kernel`` (one program per token, or one for shared mode) finds
+top-k gating (5 launches): 1. becomes PHASE=0 (gate GEMV, writes h), then the
+  top-k kernel of ``gating`` (one program per token, or one for shared mode) finds
   the k-th largest score by a 31-step bitwise binary search on the fp32 bit
   pattern (scores are >= 0, so the bits order like the values; NaN maps to inf)
   and breaks ties at that value towards the lower index with a cumsum, exactly
@@ -70,7 +70,8 @@ Limitations
   to 32768 channels; above that it loops over chunks in global memory).  Its 31
   block-wide counts cost ~24 us at 14336 channels, which eats most of the top-k
   gain at M = 1; threshold gating (calibrated thresholds) is the fast mode.  A
-  radix variant through ``tl.histogram`` (SELECT_RADIX) was slower (82 us).
+  radix variant through ``tl.histogram`` was slower (82 us on the H100) and was
+  removed when this pass became gating's top-k kernel.
 * Offsets are int32: each weight must have fewer than 2**31 elements.
 * Shared-mode scores are the RMS over tokens: squares summed in token order, divided
   by M, ``sqrt_rn``; torch's CUDA mean multiplies by 1/M instead, and the GPU may
@@ -93,6 +94,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import interpreting, num_sms
+from .gating import _topk_launch
 
 __all__ = ["gated_mlp", "MAX_KERNEL_TOKENS", "ACTIVATIONS"]
 
@@ -100,8 +102,6 @@ MAX_KERNEL_TOKENS = 16
 # The dispatch layer (sparse_infer.ops) sends calls with more tokens than this to the
 # dense path: at M = 4 and 16 the kernels were slower than cuBLAS (see the header).
 GATED_MLP_FALLBACK_TOKENS = 1
-# top-k selection: radix select by histograms (True) or a 31-step bitwise binary search
-SELECT_RADIX = False  # H100: the histogram passes took 82 us, the search 24 us (eager)
 ACTIVATIONS = {"silu": 0, "gelu": 1, "gelu_tanh": 2}
 _TORCH_ACTS = {
     "silu": F.silu,
@@ -149,58 +149,6 @@ def _round(v, DT: tl.constexpr):
     else:
         out = v
     return out
-
-
-@triton.jit
-def _score_bits(h_ptr, scale_ptr, rows, row_ok, offs, valid, M, N,
-                HAS_SCALE: tl.constexpr, SHARED: tl.constexpr):
-    """Ranking scores of channels ``offs`` for ``rows``, as int32 bits ([R, BLOCK]).
-
-    Bits of a score >= 0 order like the scores; NaN maps to inf (ranks first); -1
-    where not valid.  Per token: |h[row] * s|.  Shared (one row): RMS over the M
-    tokens of h[m] * s, squares summed in token order.
-    """
-    if HAS_SCALE:
-        s = tl.load(scale_ptr + offs, mask=valid, other=0.0).to(tl.float32)[None, :]
-    ok = row_ok[:, None] & valid[None, :]
-    if SHARED:
-        acc = tl.zeros([1, offs.shape[0]], dtype=tl.float32)
-        for m in range(0, M):
-            hv = tl.load(h_ptr + m * N + offs, mask=valid, other=0.0)[None, :]
-            if HAS_SCALE:
-                hv = hv * s
-            acc += hv * hv
-        score = tl.sqrt_rn(acc / M)
-    else:
-        hv = tl.load(h_ptr + rows[:, None] * N + offs[None, :], mask=ok, other=0.0)
-        if HAS_SCALE:
-            hv = hv * s
-        score = tl.abs(hv)
-    bits = score.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    bits = tl.where(score != score, 0x7F800000, bits)
-    return tl.where(ok, bits, -1)
-
-
-@triton.jit
-def _radix_pass(bits, prefix, krem, SHIFT: tl.constexpr, WIDTH: tl.constexpr):
-    """One digit of a radix select over 1-D int32 ``bits``.
-
-    Among the elements whose bits above SHIFT + WIDTH equal ``prefix``, finds the
-    digit (bits SHIFT .. SHIFT + WIDTH - 1) of the ``krem``-th largest; returns the
-    longer prefix and the rank left within it.  Non-candidates go to a dummy bin.
-    """
-    NB: tl.constexpr = 1 << WIDTH
-    digit = (bits >> SHIFT) & (NB - 1)
-    match = (bits >> (SHIFT + WIDTH)) == prefix
-    digit = tl.where(match, digit, NB)
-    hist = tl.histogram(digit, 2 * NB)
-    b = tl.arange(0, 2 * NB)
-    real = b < NB
-    hist = tl.where(real, hist, 0)
-    c_ge = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # candidates with digit >= b
-    bstar = tl.max(tl.where(real & (c_ge >= krem), b, 0), axis=0)
-    above = tl.sum(tl.where(b > bstar, hist, 0), axis=0)
-    return (prefix << WIDTH) | bstar, krem - above
 
 
 @triton.jit
@@ -309,84 +257,6 @@ def _gate_up_kernel(
 
 
 @triton.jit
-def _topk_select_kernel(
-    h_ptr, scale_ptr, mask_ptr, M, N, ROWS, k,
-    HAS_SCALE: tl.constexpr, SHARED: tl.constexpr, R: tl.constexpr, BLOCK: tl.constexpr,
-    SINGLE: tl.constexpr, RADIX: tl.constexpr,
-):
-    """mask[row, i] = channel i is among the k largest scores (ties: lower index; NaN first).
-
-    Each program serves R rows (1 on the GPU; all rows under the interpreter).
-    T = the largest bit pattern with count(bits >= T) >= k (the k-th largest score),
-    built bit by bit from the top; then all bits > T, plus the first k - count(> T)
-    channels (in index order) with bits == T.  k = 0 gives T = 0x7FFFFFFF: none.
-    SINGLE: the row fits one block held in registers; else chunks are re-read.
-    RADIX (SINGLE and R == 1 only): T found by 4 histogram passes of 8/8/8/7 bits
-    instead of 31 block-wide counts.
-    """
-    rows = tl.program_id(0) * R + tl.arange(0, R)
-    row_ok = rows < ROWS
-    offs0 = tl.arange(0, BLOCK)
-    T = tl.zeros([R], dtype=tl.int32)
-    if RADIX:
-        valid = offs0 < N
-        bits = tl.reshape(_score_bits(h_ptr, scale_ptr, rows, row_ok, offs0, valid, M, N, HAS_SCALE, SHARED),
-                          [BLOCK])
-        t = tl.zeros((), dtype=tl.int32)
-        krem = k + tl.zeros((), dtype=tl.int32)
-        t, krem = _radix_pass(bits, t, krem, 23, 8)
-        t, krem = _radix_pass(bits, t, krem, 15, 8)
-        t, krem = _radix_pass(bits, t, krem, 7, 8)
-        t, krem = _radix_pass(bits, t, krem, 0, 7)
-        gt = bits > t
-        eq = bits == t
-        need = k - tl.sum(gt.to(tl.int32), axis=0)
-        rank = tl.cumsum(eq.to(tl.int32), axis=0)
-        sel = gt | (eq & (rank <= need))
-        tl.store(mask_ptr + tl.program_id(0) * N + offs0, sel.to(tl.int8), mask=valid)
-    elif SINGLE:
-        valid = offs0 < N
-        bits = _score_bits(h_ptr, scale_ptr, rows, row_ok, offs0, valid, M, N, HAS_SCALE, SHARED)
-        for i in tl.static_range(31):
-            cand = T | (1 << (30 - i))
-            cnt = tl.sum((bits >= cand[:, None]).to(tl.int32), axis=1)
-            T = tl.where(cnt >= k, cand, T)
-        gt = bits > T[:, None]
-        eq = bits == T[:, None]
-        need = k - tl.sum(gt.to(tl.int32), axis=1)
-        rank = tl.cumsum(eq.to(tl.int32), axis=1)
-        sel = gt | (eq & (rank <= need[:, None]))
-        tl.store(mask_ptr + rows[:, None] * N + offs0[None, :], sel.to(tl.int8),
-                 mask=row_ok[:, None] & valid[None, :])
-    else:
-        for i in tl.static_range(31):
-            cand = T | (1 << (30 - i))
-            cnt = tl.zeros([R], dtype=tl.int32)
-            for n0 in range(0, N, BLOCK):
-                offs = n0 + offs0
-                bits = _score_bits(h_ptr, scale_ptr, rows, row_ok, offs, offs < N, M, N, HAS_SCALE, SHARED)
-                cnt += tl.sum((bits >= cand[:, None]).to(tl.int32), axis=1)
-            T = tl.where(cnt >= k, cand, T)
-        cnt_gt = tl.zeros([R], dtype=tl.int32)
-        for n0 in range(0, N, BLOCK):
-            offs = n0 + offs0
-            bits = _score_bits(h_ptr, scale_ptr, rows, row_ok, offs, offs < N, M, N, HAS_SCALE, SHARED)
-            cnt_gt += tl.sum((bits > T[:, None]).to(tl.int32), axis=1)
-        need = k - cnt_gt
-        seen = tl.zeros([R], dtype=tl.int32)
-        for n0 in range(0, N, BLOCK):
-            offs = n0 + offs0
-            valid = offs < N
-            bits = _score_bits(h_ptr, scale_ptr, rows, row_ok, offs, valid, M, N, HAS_SCALE, SHARED)
-            eq = (bits == T[:, None]).to(tl.int32)
-            rank = tl.cumsum(eq, axis=1) + seen[:, None]
-            sel = (bits > T[:, None]) | ((eq != 0) & (rank <= need[:, None]))
-            tl.store(mask_ptr + rows[:, None] * N + offs[None, :], sel.to(tl.int8),
-                     mask=row_ok[:, None] & valid[None, :])
-            seen += tl.sum(eq, axis=1)
-
-
-@triton.jit
 def _down_kernel(
     p_ptr, wd_ptr, stride_wdo, stride_wdi, part_ptr,
     M, N, OUT, CHUNK,
@@ -468,7 +338,6 @@ _GATE_CFG = {"gemv": (32, 128, 4), "dot": (32, 128, 4)}
 # (BLOCK_I, BLOCK_J, num_warps) of the down kernel
 _DOWN_CFG = {"gemv": (64, 128, 4), "dot": (64, 128, 4)}
 # warps of the top-k selection program (one program holds a whole row)
-_SELECT_WARPS = 16
 
 
 def _check(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up_bias, down_bias):
@@ -597,20 +466,13 @@ def gated_mlp(
 
     if gate.k is not None:
         h = torch.empty((M, inter), device=dev, dtype=torch.float32)
-        rows = 1 if gate.shared else M
-        mask = torch.empty((rows, inter), device=dev, dtype=torch.int8)
-        _gate_up_kernel[grid_n](*args_w, h, mask, 0, p, dummy, 0.0, scale, M, inter, hidden,
+        _gate_up_kernel[grid_n](*args_w, h, dummy, 0, p, dummy, 0.0, scale, M, inter, hidden,
                                 PHASE=0, MASK_MODE=_MASK_BUF, T_MODE=0, **common)
-        single = inter <= 32768
-        block = triton.next_power_of_2(inter) if single else 4096
-        sel_warps = 4 if interp else max(4, min(32, block // 1024, _SELECT_WARPS))
-        radix = single and SELECT_RADIX
-        r = triton.next_power_of_2(rows) if interp and not radix else 1
-        _topk_select_kernel[(triton.cdiv(rows, r),)](h, scale, mask, M, inter, rows, operator.index(gate.k),
-                                                     HAS_SCALE=gate.scale is not None, SHARED=bool(gate.shared),
-                                                     R=r, BLOCK=block, SINGLE=single, RADIX=radix,
-                                                     num_warps=sel_warps)
-        _gate_up_kernel[grid_n](*args_w, h, mask, 0 if gate.shared else inter, p, dummy, 0.0, scale, M, inter, hidden,
+        # the selection pass is gating's top-k kernel over h (same scores, ties and NaN rules):
+        # an int8 mask of one row per token, or one row shared by all of them
+        mask = _topk_launch(h, operator.index(gate.k), gate.scale, bool(gate.shared))
+        _gate_up_kernel[grid_n](*args_w, h, mask, 0 if gate.shared else mask.stride(0), p, dummy, 0.0, scale, M,
+                                inter, hidden,
                                 PHASE=2, MASK_MODE=_MASK_BUF, T_MODE=0, **common)
     else:
         t = gate.threshold

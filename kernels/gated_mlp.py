@@ -337,7 +337,6 @@ def _finalize_kernel(
 _GATE_CFG = {"gemv": (32, 128, 4), "dot": (32, 128, 4)}
 # (BLOCK_I, BLOCK_J, num_warps) of the down kernel
 _DOWN_CFG = {"gemv": (64, 128, 4), "dot": (64, 128, 4)}
-# warps of the top-k selection program (one program holds a whole row)
 
 
 def _check(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up_bias, down_bias):

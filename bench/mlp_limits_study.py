@@ -131,20 +131,14 @@ def input_moments(model, windows) -> List[torch.Tensor]:
 
 
 def whitened_bases(weight: torch.Tensor, moment: torch.Tensor):
-    """``(A, B)`` of full rank whose leading ``r`` columns of ``A`` and rows of ``B`` are
-    `whitened_factors` at rank ``r``: one eigendecomposition and one SVD serve every rank."""
+    """``(A, B)`` of full rank; for any ``r``, ``x ↦ (x A[:, :r]) B[:r]`` is the rank-``r`` map of
+    least ``E||(W - L) x||²`` on inputs of second moment ``moment`` (projection on the top left
+    singular vectors of ``W·moment^½``).  One eigendecomposition and one SVD serve every rank."""
     W = weight.detach().double().cpu()
     evals, Q = torch.linalg.eigh(moment)
     root = (Q * evals.clamp_min(0).sqrt()) @ Q.T
     U = torch.linalg.svd(W @ root, full_matrices=False).U
     return (W.T @ U).to(weight.dtype), U.T.contiguous().to(weight.dtype)
-
-
-def whitened_factors(weight: torch.Tensor, moment: torch.Tensor, rank: int):
-    """``(A, B)`` with ``x ↦ (x A) B`` the rank-``r`` map of least ``E||(W - L) x||²`` on inputs of
-    second moment ``moment`` (projection on the top left singular vectors of ``W·moment^½``)."""
-    A, B = whitened_bases(weight, moment)
-    return A[:, :rank], B[:rank]
 
 
 def _input_forward(lin: nn.Linear, sparsity: float, scale: Optional[torch.Tensor]):

@@ -294,14 +294,14 @@ def test_limits_study_trained_predictor_learns_a_learnable_ranking(ls):
     assert recall > 0.7, recall  # chance is keep / 40 = 0.25
 
 
-def test_limits_study_whitened_factors_full_rank_is_exact(ls):
+def test_limits_study_whitened_bases_full_rank_is_exact(ls):
     torch.manual_seed(0)
     W = torch.randn(24, 16, dtype=torch.float64)
     X = torch.randn(200, 16, dtype=torch.float64) * torch.linspace(0.1, 3, 16)
-    A, B = ls.whitened_factors(W, X.T @ X / len(X), 16)
-    torch.testing.assert_close((X @ A) @ B, X @ W.T)
-    # at a lower rank it beats the plain SVD on these inputs (what "activation-aware" means)
-    A, B = ls.whitened_factors(W, X.T @ X / len(X), 4)
+    A, B = ls.whitened_bases(W, X.T @ X / len(X))
+    torch.testing.assert_close((X @ A[:, :16]) @ B[:16], X @ W.T)
+    # sliced to a lower rank it beats the plain SVD on these inputs (what "activation-aware" means)
+    A, B = A[:, :4], B[:4]
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     plain = X @ (U[:, :4] * S[:4] @ Vh[:4]).T
     assert (X @ A @ B - X @ W.T).norm() < (plain - X @ W.T).norm()

@@ -22,7 +22,12 @@ Decode loop (identical for dense and sparse):
 * kernel compilation, autotuning and the kernels' workspace allocation happen
   in eager warm-up steps before the capture;
 * if capture fails for a configuration (a host sync in some op), that
-  configuration and its dense baseline both run eager, and the row says so.
+  configuration and its dense baseline both run eager, and the row says so;
+* ``--compile`` compiles that step with ``torch.compile`` (inductor by default,
+  dense and sparse alike; the kernels enter the graph as ``torch.library``
+  custom ops) before the capture, which fuses the norms, RoPE, SiLU*mul and
+  residual adds that otherwise run as many small kernels.  Each configuration
+  is traced afresh; the sparsity and reference checks run the eager step.
 
 ``--engine native`` (default) runs the decoder layers' modules with this
 file's static cache and attention (same maths as HF's Llama attention, checked
@@ -144,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="native", choices=("native", "hf"),
                    help="decode step: native static cache over the model's modules (default) or the HF forward")
     p.add_argument("--no-graphs", dest="graphs", action="store_false", help="eager decode (no CUDA graph capture)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the decode step (native engine; dense and sparse alike) with BACKEND "
+                        "(default inductor: fuses the norms, RoPE, SiLU*mul and residual adds), then capture it "
+                        "in the CUDA graph")
     p.add_argument("--warmup", type=int, default=3, help="eager warm-up steps before capture/timing (default 3)")
     p.add_argument("--repeats", type=int, default=1, help="timed passes over --new-tokens; the median is kept")
     p.add_argument("--calib-tokens", type=int, default=128, help="random tokens to calibrate thresholds on")
@@ -167,6 +176,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--warmup must be at least 1 (kernels compile and allocate in the warm-up, before capture)")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.compile and args.engine != "native":
+        parser.error("--compile compiles the native engine's step: drop --engine hf (or --compile)")
     if args.method == "gate":
         from sparse_infer.config import GATE_MAX_SPARSITY
 
@@ -271,9 +282,15 @@ class NativeEngine:
 
     name = "native"
 
-    def __init__(self, model, batch: int, max_len: int):
+    def __init__(self, model, batch: int, max_len: int, compile: Optional[str] = None):
+        """``compile``: a torch.compile backend ("inductor") for the one-token step, or None (eager)."""
         cfg = model.config
         self.model = model
+        self.compiled = compile
+        # One compiled function for the whole one-token step; `fresh_compile` drops its cache
+        # before each configuration, so a patched model is traced anew rather than hitting
+        # dynamo's recompile limit and silently running eager.
+        self._step_fn = torch.compile(self._step_body, backend=compile, dynamic=False) if compile else self._step_body
         dec = model.get_decoder()
         self.layers = dec.layers
         self.norm = dec.norm
@@ -314,8 +331,9 @@ class NativeEngine:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kc, vc = self.k_cache[i], self.v_cache[i]
-        kc.index_copy_(2, positions, k.to(kc.dtype))
-        vc.index_copy_(2, positions, v.to(vc.dtype))
+        # an index_put_ into the static cache: inductor writes it in place (no copy of the cache)
+        kc[:, :, positions] = k.to(kc.dtype)
+        vc[:, :, positions] = v.to(vc.dtype)
         # (B, nh, T, hd) -> (B, nkv, group*T, hd): query heads kv*group+g of one KV head, rows g*T + t
         qg = q.reshape(B, self.nkv, self.group * T, self.hd)
         o = F.scaled_dot_product_attention(qg, kc, vc, attn_mask=mask, scale=getattr(attn, "scaling", None))
@@ -339,13 +357,27 @@ class NativeEngine:
         h = self.forward(ids, positions)
         return self.lm_head(h[:, -1:])[:, -1]
 
-    @torch.no_grad()
-    def step(self):
+    def _step_body(self):
         h = self.forward(self.tok, self.pos)
         logits = self.lm_head(h)[:, -1]
         self.tok.copy_(logits.argmax(-1, keepdim=True))
         self.pos.add_(1)
-        self.logits = logits
+        return logits
+
+    def fresh_compile(self):
+        """Forget compiled code: the next step traces the model as it is now (patched or dense)."""
+        if self.compiled:
+            torch._dynamo.reset()
+
+    @torch.no_grad()
+    def step(self):
+        """One decode step, compiled when the engine was built with a ``compile`` backend."""
+        self.logits = self._step_fn()
+
+    @torch.no_grad()
+    def eager_step(self):
+        """The same step without torch.compile (module hooks and backend switches see every call)."""
+        self.logits = self._step_body()
 
 
 class HFEngine:
@@ -404,8 +436,19 @@ class HFEngine:
         self.pos.add_(1)
         self.logits = logits
 
+    eager_step = step
+
+    def fresh_compile(self):
+        pass
+
 
 ENGINES = {"native": NativeEngine, "hf": HFEngine}
+
+
+def make_engine(args, model, batch: int, max_len: int):
+    if getattr(args, "compile", None):
+        return ENGINES[args.engine](model, batch, max_len, compile=args.compile)
+    return ENGINES[args.engine](model, batch, max_len)
 
 
 # ----------------------------------------------------------------------------- timing
@@ -472,6 +515,7 @@ def run_decode(model, engine, prompt: torch.Tensor, args, graphs: bool, measure_
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     engine.reset()
+    engine.fresh_compile()
     t0 = time.perf_counter()
     first_logits = engine.prefill(prompt)
     _sync(device)
@@ -599,7 +643,7 @@ def measure_model_sparsity(model, engine, first, plen: int, steps: int) -> Optio
             m.reset_stats()
         engine.set_state(first, plen)
         for _ in range(steps):
-            engine.step()
+            engine.eager_step()
         return model_sparsity(model, measured=True)
     finally:
         for m, backend, rec in saved:
@@ -623,7 +667,7 @@ def module_check(model, engine, first, plen: int) -> Optional[float]:
              for m in sparse_modules(model).values()]
     try:
         engine.set_state(first, plen)
-        engine.step()
+        engine.eager_step()
     finally:
         for h in hooks:
             h.remove()
@@ -642,8 +686,8 @@ def module_check(model, engine, first, plen: int) -> Optional[float]:
 
 # ----------------------------------------------------------------------------- results
 COLUMNS = ["config", "device", "dtype", "engine", "batch", "prompt", "new_tokens", "method", "targets", "mode",
-           "sparsity", "measured_sparsity", "graphs", "tokens_per_s", "ratio", "step_ms", "weight_gb_per_step",
-           "gb_per_s", "peak_mem_gib", "prefill_ms", "graph_check", "ref_check", "kernel_ms", "note"]
+           "sparsity", "measured_sparsity", "graphs", "compiled", "tokens_per_s", "ratio", "step_ms",
+           "weight_gb_per_step", "gb_per_s", "peak_mem_gib", "prefill_ms", "graph_check", "ref_check", "kernel_ms", "note"]
 META_COLUMNS = ["timestamp", "torch", "triton", "transformers", "sparse_infer", "python", "command"]
 
 
@@ -713,7 +757,8 @@ def markdown_report(rows: List[dict], meta: dict) -> str:
     first = rows[0] if rows else {}
     method = next((r["method"] for r in rows if r["mode"] != "dense"), "-")
     return "\n".join([
-        f"# Decode benchmark: {first.get('config', '?')} ({first.get('dtype', '?')}, engine {first.get('engine', '?')})",
+        f"# Decode benchmark: {first.get('config', '?')} ({first.get('dtype', '?')}, engine {first.get('engine', '?')}"
+        f"{', torch.compile ' + str(first['compiled']) if first.get('compiled') not in (None, 'no') else ''})",
         "",
         f"- device: {meta.get('device_name')}; torch {meta.get('torch')}, triton {meta.get('triton')}, "
         f"transformers {meta.get('transformers')}, CUDA {meta.get('cuda')}, Python {meta.get('python')}, "
@@ -775,6 +820,7 @@ def _row(args, meta, batch, mode, sparsity, res: Optional[DecodeResult], dense: 
         "config": args.config, "device": meta["device_name"], "dtype": args.dtype, "engine": args.engine,
         "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "method": args.method if mode != "dense" else "-",
         "targets": args.targets, "mode": mode, "sparsity": sparsity, "measured_sparsity": None, "graphs": None,
+        "compiled": getattr(args, "compile", None) or "no",
         "tokens_per_s": None, "ratio": None, "step_ms": None, "weight_gb_per_step": weight_bytes / 1e9,
         "gb_per_s": None, "peak_mem_gib": None, "prefill_ms": None, "graph_check": None, "ref_check": None,
         "kernel_ms": None, "note": note,
@@ -836,7 +882,7 @@ def run(args, model=None) -> List[dict]:
     state: Dict[int, dict] = {}
     for batch in args.batch:
         prompt = torch.randint(0, vocab, (batch, args.prompt), generator=gen).to(device)
-        st = state[batch] = {"prompt": prompt, "engine": ENGINES[args.engine](model, batch, max_len), "dense": {}}
+        st = state[batch] = {"prompt": prompt, "engine": make_engine(args, model, batch, max_len), "dense": {}}
         try:
             dense = run_decode(model, st["engine"], prompt, args, args.graphs)
             st["dense"][dense.graphs] = dense

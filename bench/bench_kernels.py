@@ -192,7 +192,7 @@ def _make_inputs(case, gen):
     sparsity = 1.0 - case["active"] if case["kernel"] == "rank-aware" else case["sparsity"]
     absx = x.float().abs()
     if case["kernel"] == "shared":
-        agg = absx.mean(0)
+        agg = absx.pow(2).mean(0).sqrt()  # shared masks rank channels by the step's RMS (reference)
         t = torch.quantile(agg, sparsity) if sparsity > 0 else torch.tensor(-1.0, device=_DEV)
         gate = Gate(threshold=t.reshape(()).float(), shared=True)
     elif case["kernel"] == "input-sparse-topk":
@@ -200,7 +200,8 @@ def _make_inputs(case, gen):
     else:
         # per-token threshold: a per-channel vector would also do; a scalar at the global quantile
         t = torch.quantile(absx.flatten()[:1 << 20], sparsity) if sparsity > 0 else torch.tensor(-1.0, device=_DEV)
-        gate = Gate(threshold=t.reshape(()).float())
+        # the density hint a calibrated module passes (it picks the M=1 loop, as in sparse_infer)
+        gate = Gate(threshold=t.reshape(()).float(), density=1.0 - sparsity)
     A = B = None
     if case["rank"]:
         A = (torch.randn(in_f, case["rank"], device=_DEV, generator=gen) * in_f ** -0.5).to(dt)
@@ -327,11 +328,13 @@ def final(args, copy_gbps, meta):
     from sparse_infer import reference as ref
     from sparse_infer.kernels import _autotune as at
     rows = []
-    plan = [(1, "input-sparse", 0.5), (1, "input-sparse", 0.9), (1, "input-sparse", 1.0), (1, "rank-aware", 0.5),
+    plan = [(1, "input-sparse", 0.5), (1, "input-sparse", 0.7), (1, "input-sparse", 0.9), (1, "input-sparse", 1.0),
+            (1, "rank-aware", 0.5),
             (1, "input-sparse-topk", 0.5), (4, "shared", 0.5), (4, "input-sparse", 0.5), (16, "shared", 0.5),
             (16, "input-sparse", 0.5)]
     variants = {
-        1: [None, dict(compact=True), dict(compact=True, BLOCK_K=32)],
+        # default = the table's policy (compacted ids at density <= compact_below); then each loop forced
+        1: [None, dict(compact_below=0.0), dict(compact=True), dict(compact=True, BLOCK_K=32)],
         8: [None, dict(use_dot=True, pregate=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, programs_per_sm=4,
                        num_warps=4, num_stages=2), dict(compact=True)],
         16: [None, dict(compact=True), dict(compact=True, BLOCK_K=32)],

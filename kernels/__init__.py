@@ -14,7 +14,7 @@ name in ``sparse_infer.reference``):
 * ``gated_mlp`` - fused CATS gated MLP (kernels/gated_mlp.py); ``GATED_MLP_FALLBACK_TOKENS``: above
   this many tokens the dispatch layer runs the dense path instead (measured slower at M >= 4)
 
-``torch.ops.sparse_infer.sparse_linear`` / ``rsparse_linear`` are registered as
+``torch.ops.sparse_infer.sparse_linear`` / ``rsparse_linear`` / ``gated_mlp`` are registered as
 custom ops (kernels/_ops.py); under ``torch.compile`` the functions above route
 through them (one opaque node each, no graph break).
 """
@@ -22,9 +22,8 @@ through them (one opaque node each, no graph break).
 from .gating import threshold_gate, threshold_mask, topk_gate, topk_mask
 from .rsparse_matmul import rsparse_linear
 from .sparse_matmul import DENSE_FALLBACK_TOKENS, PER_TOKEN_FALLBACK_TOKENS, sparse_linear, to_kernel_layout
-from . import _ops  # noqa: F401  registers torch.ops.sparse_infer.sparse_linear / rsparse_linear
-
 from .gated_mlp import GATED_MLP_FALLBACK_TOKENS, gated_mlp
+from . import _ops  # noqa: F401  registers torch.ops.sparse_infer.sparse_linear / rsparse_linear / gated_mlp
 
 __all__ = [
     "sparse_linear", "rsparse_linear", "topk_gate", "threshold_gate", "topk_mask", "threshold_mask",

@@ -39,11 +39,14 @@ class MatmulConfig:
     use_dot: bool = False  # tensor-core tl.dot (BLOCK_M >= 16) instead of fp32 FMAs
     pregate: bool = False  # gate in a separate pass (masked x + union of active channels) instead of in-kernel
     compact: bool = False  # separate gate pass that also compacts active channel ids; the matmul loops over them
+    # compact only when the gate's expected density (k/K for top-k, the hint a module gives its
+    # thresholds) is at most this; 0 never, `compact=True` always
+    compact_below: float = 0.0
 
 
 # token buckets: 1 | 2..8 | 9..16 | 17..32 | 33..64
 _INTERP = {
-    1: MatmulConfig(1, 64, 32, 0, 1, 1),
+    1: MatmulConfig(1, 64, 32, 0, 1, 1, compact_below=0.35),  # the GPU policy, so CI runs both M=1 paths
     8: MatmulConfig(8, 64, 32, 0, 1, 1, use_dot=False, pregate=False),
     16: MatmulConfig(16, 64, 32, 0, 1, 1, use_dot=True, pregate=True),
     32: MatmulConfig(32, 64, 32, 0, 1, 1, use_dot=True, pregate=False),
@@ -57,8 +60,12 @@ _INTERP = {
 # * M=2..64: tensor-core dot with the tokens padded to 16 and the gate in a separate pass
 #   ("pregate": 35-49 us at M=4, 48-52 us shared M=16); the fp32-FMA path (155-169 us at M=4)
 #   and the in-kernel gate with tl.dot (79-87 us shared M=16) were far slower.
+# * M=1, compacted ids (bench/h100/h100_final_run4.log): 12.2 / 12.6 us at 90 % against 19.5 / 17.8
+#   for the masked loop, 28.7 / 29.3 at 50 % against 28.6 / 27.5 (4096->14336 / 14336->4096).  A line
+#   through each pair puts the crossover at density 0.49 / 0.41, so compaction is on at <= 0.35;
+#   70 % sits between the measured points and is to be timed (gpu_check.sh --final rows).
 _GPU = {
-    1: MatmulConfig(1, 128, 64, 8, 1, 1),
+    1: MatmulConfig(1, 128, 64, 8, 1, 1, compact_below=0.35),
     8: MatmulConfig(16, 128, 64, 4, 4, 2, use_dot=True, pregate=True),
     16: MatmulConfig(16, 128, 64, 4, 4, 2, use_dot=True, pregate=True),
     32: MatmulConfig(32, 128, 64, 4, 4, 2, use_dot=True, pregate=True),

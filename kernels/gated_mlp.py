@@ -416,7 +416,18 @@ def gated_mlp(
     fastest); down_weight: (out, intermediate) (column-major, ``stride(0) == 1``, is
     fastest); act_name: "silu" | "gelu" | "gelu_tanh"; gate: ``sparse_infer.ops.Gate``.
     All tensors on one device; weights in x's dtype (fp32/fp16/bf16).
+
+    Under ``torch.compile`` the call goes through the ``sparse_infer::gated_mlp`` custom op
+    (kernels/_ops.py): one opaque node, as for the sparse linears.
     """
+    if torch.compiler.is_compiling():
+        from ._ops import gated_mlp_op
+        return gated_mlp_op(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up_bias, down_bias)
+    return _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up_bias, down_bias)
+
+
+def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias=None, up_bias=None,
+                    down_bias=None) -> torch.Tensor:
     _check(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up_bias, down_bias)
     hidden = x.shape[-1]
     inter = gate_weight.shape[0]

@@ -389,12 +389,20 @@ def _pregated(x2: torch.Tensor, gargs: dict, invert: bool, cblock: int = 0):
     return fwd, inv
 
 
-def _gate_plan(M: int, N: int, K: int, x2: torch.Tensor) -> tuple[bool, int]:
-    """(run the gate as a separate pass?, compaction block or 0) from the config table."""
+def _gate_plan(M: int, N: int, K: int, x2: torch.Tensor, density: Optional[float] = None) -> tuple[bool, int]:
+    """(run the gate as a separate pass?, compaction block or 0) from the config table and, when
+    known, the fraction of channels the gate is expected to keep (`density_hint`)."""
     cfg = _autotune.matmul_config(M, N, K, x2.dtype, x2.device)
-    if cfg.compact:
+    if cfg.compact or (density is not None and density <= cfg.compact_below):
         return True, compact_block(M, N, K, x2)
     return cfg.pregate and M > 1, 0
+
+
+def density_hint(gate, K: int) -> Optional[float]:
+    """Expected fraction of active channels: k/K for top-k, else the gate's own hint (or None)."""
+    if gate.k is not None:
+        return gate.k / K if K else 1.0
+    return getattr(gate, "density", None)
 
 
 def _steps(x: torch.Tensor, gate) -> int:
@@ -425,7 +433,7 @@ def _sparse_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     if M == 0 or N == 0:
         return y.reshape(out_shape)
     gargs = _gate_args(x2, gate, _fused_block_m(M, x2), _steps(x, gate))
-    separate, cblock = _gate_plan(M, N, K, x2)
+    separate, cblock = _gate_plan(M, N, K, x2, density_hint(gate, K))
     if separate:
         (x2, gargs), _ = _pregated(x2, gargs, invert=False, cblock=cblock)
     _launch(x2, weight, bias, y, **gargs)

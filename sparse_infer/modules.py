@@ -83,7 +83,9 @@ class _GatedBase(nn.Module):
         self.target_density: Optional[float] = None
 
     def gate(self) -> ops.Gate:
-        return ops.Gate(k=self.k, threshold=self.threshold, scale=self.scale, shared=self.shared)
+        # thresholds pass their calibrated density to the kernels as a launch hint (top-k: k/width)
+        density = self.target_density if self.threshold is not None else None
+        return ops.Gate(k=self.k, threshold=self.threshold, scale=self.scale, shared=self.shared, density=density)
 
     def reset_stats(self):
         self.stats_tokens = 0

@@ -32,12 +32,16 @@ class Gate:
     Exactly one of ``k`` (top-k per token, or of the batch in shared mode) and
     ``threshold`` (scalar or per-channel tensor) is set.  ``scale`` is an
     optional per-channel importance (``|x_i * s_i|`` is what is ranked).
+    ``density`` is a launch hint only: the fraction of channels a threshold is
+    expected to keep (its calibration target), from which the kernels pick their
+    loop (the mask itself never depends on it).
     """
 
     k: Optional[int] = None
     threshold: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
     shared: bool = False
+    density: Optional[float] = None
 
     def __post_init__(self):
         if (self.k is None) == (self.threshold is None):

@@ -76,7 +76,9 @@ def topk_mask(x: torch.Tensor, k: int, scale: Optional[torch.Tensor] = None) -> 
     kth = torch.topk(score, k, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     mask = score >= kth
     extra = mask.sum(dim=-1, keepdim=True) - k
-    if bool((extra > 0).any()):
+    # Skipping the tie pass when there are no ties is worth it eagerly; under torch.compile
+    # it would be a data-dependent branch (a graph break), and the pass is exact either way.
+    if torch.compiler.is_compiling() or bool((extra > 0).any()):
         tie = score == kth
         ties_from_here = tie.flip(-1).cumsum(-1).flip(-1)  # ties at this index or after it
         mask &= ~(tie & (ties_from_here <= extra))  # drop the highest-index surplus ties

@@ -50,6 +50,7 @@ def test_decode_defaults(bd):
     assert (args.prompt, args.new_tokens) == (128, 256)
     assert args.dtype == "bf16" and args.engine == "native"
     assert args.graphs == torch.cuda.is_available()  # CUDA graphs only where there is CUDA
+    assert args.compile is None  # eager step unless asked
 
 
 def test_decode_lists_and_flags(bd):
@@ -61,12 +62,15 @@ def test_decode_lists_and_flags(bd):
     assert args.modes == ["per_token", "shared"]
     assert args.method == "topk" and args.graphs is False
     assert args.argv[:2] == ["--config", "small"]
+    assert bd.parse_args(["--compile", "--device", "cpu"]).compile == "inductor"
+    assert bd.parse_args(["--compile", "aot_eager", "--device", "cpu"]).compile == "aot_eager"
 
 
 @pytest.mark.parametrize("argv", [
     ["--batch", "0"], ["--batch", "a,b"], ["--sparsity", "1.0"], ["--sparsity", "0"], ["--modes", "both"],
     ["--config", "gpt2"], ["--method", "rsparse"], ["--new-tokens", "0"], ["--warmup", "0"],
     ["--method", "gate", "--sparsity", "0.7"], ["--method", "gate", "--targets", "attn"],
+    ["--compile", "--engine", "hf"],
 ])
 def test_decode_rejects(bd, argv, capsys):
     with pytest.raises(SystemExit):
@@ -118,6 +122,37 @@ def test_engine_matches_hf_forward(bd, tiny, engine):
         e.step()
         assert bd.rel_err(e.logits, tiny(seq).logits[:, -1]) < 1e-5
         assert int(e.pos) == 10
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_compiled_step_matches_eager(bd, tiny, backend):
+    """--compile: inductor traces the whole patched step in one graph (the Triton path as custom ops,
+    the reference path inline) and its logits equal the eager step's from the same state."""
+    from torch._dynamo.utils import counters
+
+    from sparse_infer import SparsityConfig, sparsify, unsparsify
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, tiny.config.vocab_size, (2, 8))
+    sparsify(tiny, SparsityConfig(method="topk", sparsity=0.5, backend=backend), progress=False)
+    try:
+        e = bd.NativeEngine(tiny, 2, 64, compile="inductor")
+        e.fresh_compile()
+        counters.clear()
+        with torch.no_grad():
+            first = e.prefill(ids).argmax(-1)
+            e.set_state(first, 8)
+            e.eager_step()
+            want = e.logits.clone()
+            e.set_state(first, 8)
+            e.step()
+        assert not counters["graph_break"], dict(counters["graph_break"])
+        assert counters["stats"]["unique_graphs"] == 1
+        assert bd.rel_err(e.logits, want) < 1e-5
+        assert int(e.pos) == 9
+    finally:
+        unsparsify(tiny)
+        torch._dynamo.reset()
 
 
 def test_weight_bytes(bd, tiny):
@@ -187,6 +222,22 @@ def test_tiny_end_to_end(bd, tiny, tmp_path):
     assert md.count("\n| ") == 1 + len(rows)  # header + one line per row
     with open(tmp_path / "decode.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_tiny_end_to_end_compiled(bd, tiny, tmp_path):
+    """--compile through the whole benchmark: every row compiled with the named backend, and said so."""
+    argv = ["--config", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--sparsity", "0.5",
+            "--method", "topk", "--prompt", "8", "--new-tokens", "3", "--warmup", "1", "--measure-steps", "1",
+            "--compile", "aot_eager", "--out", str(tmp_path), "--quiet"]
+    rows = bd.run(bd.parse_args(argv), model=tiny)
+    assert [r["mode"] for r in rows] == ["dense", "per_token"]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["compiled"] == "aot_eager", r["note"]
+    assert abs(rows[1]["measured_sparsity"] - 0.5) < 1e-6  # measured on the eager reference step
+    assert "torch.compile aot_eager" in (tmp_path / "decode.md").read_text()
+    with open(tmp_path / "decode.csv", newline="") as f:
+        assert [r["compiled"] for r in csv.DictReader(f)] == ["aot_eager", "aot_eager"]
+    torch._dynamo.reset()
 
 
 def test_main_threshold(bd, tmp_path, capsys):

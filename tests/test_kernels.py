@@ -222,6 +222,27 @@ def test_matmul_paths(use_dot, gating):
             at.set_override(bucket)
 
 
+def test_density_picks_the_compacted_loop():
+    """M=1: a gate expected to keep at most `compact_below` of the channels (k/K for top-k, the module's
+    hint for thresholds) takes the compacted-id loop, a denser one the masked loop; both equal the reference."""
+    from sparse_infer.kernels import _autotune as at
+    g, x, w, b = make(1, 77, 53, torch.bfloat16, seed=3)
+    x2 = x.reshape(1, -1)
+    below = at.matmul_config(1, 53, 77, x.dtype, x.device).compact_below
+    assert below > 0
+    assert sm._gate_plan(1, 53, 77, x2, density=below)[1] > 0
+    assert sm._gate_plan(1, 53, 77, x2, density=0.5) == (False, 0)
+    assert sm._gate_plan(1, 53, 77, x2, density=None) == (False, 0)
+    assert sm._gate_plan(4, 53, 77, x.expand(4, -1), density=0.1)[1] == 0  # M > 1: the token bucket's plan
+    assert sm.density_hint(Gate(k=7), 77) == 7 / 77
+    assert sm.density_hint(Gate(threshold=torch.tensor(0.1), density=0.2), 77) == 0.2
+    for kind, sp in [("topk", 0.9), ("topk_scale", 0.5), ("thresh", 0.8), ("thresh_vec", 0.3)]:
+        gate = make_gate(kind, x, sp, g)
+        if gate.threshold is not None:
+            gate.density = 1 - sp
+        assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[torch.bfloat16]
+
+
 def test_errors():
     g, x, w, b = make(1, 37, 53, torch.float32)
     with pytest.raises(ValueError, match="in_features"):
@@ -353,6 +374,9 @@ def test_custom_ops(kind):
     assert rel_err(y, ref_sparse(x, w, b, gate.mask(x))) < 1e-5
     y = _ops.rsparse_linear_op(x, w, b, A, B, gate)
     assert rel_err(y, ref_rsparse(x, w, b, gate.mask(x), A, B)) < 1e-5
+    wu, wd = w * 0.5, w.t().contiguous()  # an MLP 37 -> 53 -> 37, gated on silu(x Wg^T)
+    y = _ops.gated_mlp_op(x, w, wu, wd, "silu", gate, b, None, None)
+    assert rel_err(y, ref.gated_mlp(x, w, wu, wd, torch.nn.functional.silu, gate.mask, b, None, None)) < 1e-5
 
 
 def test_torch_compile_no_graph_break():
@@ -361,10 +385,15 @@ def test_torch_compile_no_graph_break():
     gate = make_gate("thresh", x, 0.5, g)
     A, B = ref.lowrank_factors(w.float(), 4, torch.float32)
 
+    wu, wd = w * 0.5, w.t().contiguous()
+    silu = torch.nn.functional.silu
+
     def f(x):
-        return K.sparse_linear(x, w, b, gate) + K.rsparse_linear(x, w, b, A, B, gate)
+        mlp = K.gated_mlp(x, w, wu, wd, "silu", gate, b)
+        return K.sparse_linear(x, w, b, gate) + K.rsparse_linear(x, w, b, A, B, gate), mlp
 
     torch._dynamo.reset()
-    y = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
+    y, mlp = torch.compile(f, backend="aot_eager", fullgraph=True)(x)
     want = ref_sparse(x, w, b, gate.mask(x)) + ref_rsparse(x, w, b, gate.mask(x), A, B)
     assert rel_err(y, want) < 1e-5
+    assert rel_err(mlp, ref.gated_mlp(x, w, wu, wd, silu, gate.mask, b, None, None)) < 1e-5

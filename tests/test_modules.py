@@ -114,3 +114,12 @@ def test_gated_mlp_module():
     expect = mlp.down_proj(ref.topk_gate(h, 20) * mlp.up_proj(x))
     assert torch.allclose(half(x), expect, atol=1e-6)
     assert half.to_mlp() is mlp
+
+
+def test_threshold_gate_carries_its_calibrated_density(linear):
+    """Thresholds hand their target density to the kernels as a launch hint; top-k needs none (k/width)."""
+    m = SparseLinear.from_linear(linear, threshold=0.3)
+    assert m.gate().density is None
+    m.target_density = 0.25
+    assert m.gate().density == 0.25
+    assert SparseLinear.from_linear(linear, k=9).gate().density is None

@@ -194,7 +194,7 @@ def _make_inputs(case, gen):
     if case["kernel"] == "shared":
         agg = absx.pow(2).mean(0).sqrt()  # shared masks rank channels by the step's RMS (reference)
         t = torch.quantile(agg, sparsity) if sparsity > 0 else torch.tensor(-1.0, device=_DEV)
-        gate = Gate(threshold=t.reshape(()).float(), shared=True)
+        gate = Gate(threshold=t.reshape(()).float(), shared=True, density=1.0 - sparsity)
     elif case["kernel"] == "input-sparse-topk":
         gate = Gate(k=int(round((1 - sparsity) * in_f)))
     else:
@@ -335,8 +335,7 @@ def final(args, copy_gbps, meta):
     variants = {
         # default = the table's policy (compacted ids at density <= compact_below); then each loop forced
         1: [None, dict(compact_below=0.0), dict(compact=True), dict(compact=True, BLOCK_K=32)],
-        8: [None, dict(use_dot=True, pregate=True, BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, programs_per_sm=4,
-                       num_warps=4, num_stages=2), dict(compact=True)],
+        8: [None, dict(compact_below=0.0), dict(compact=True)],
         16: [None, dict(compact=True), dict(compact=True, BLOCK_K=32)],
     }
     for in_f, out_f in getattr(args, "final_shapes", None) or [(4096, 14336), (14336, 4096)]:

@@ -223,8 +223,9 @@ def test_matmul_paths(use_dot, gating):
 
 
 def test_density_picks_the_compacted_loop():
-    """M=1: a gate expected to keep at most `compact_below` of the channels (k/K for top-k, the module's
-    hint for thresholds) takes the compacted-id loop, a denser one the masked loop; both equal the reference."""
+    """A gate expected to keep at most `compact_below` of the channels (k/K for top-k, the module's hint for
+    thresholds) takes the compacted-id loop, a denser one the masked loop; M=1, and shared masks of a few
+    tokens; both loops equal the reference."""
     from sparse_infer.kernels import _autotune as at
     g, x, w, b = make(1, 77, 53, torch.bfloat16, seed=3)
     x2 = x.reshape(1, -1)
@@ -233,9 +234,19 @@ def test_density_picks_the_compacted_loop():
     assert sm._gate_plan(1, 53, 77, x2, density=below)[1] > 0
     assert sm._gate_plan(1, 53, 77, x2, density=0.5) == (False, 0)
     assert sm._gate_plan(1, 53, 77, x2, density=None) == (False, 0)
-    assert sm._gate_plan(4, 53, 77, x.expand(4, -1), density=0.1)[1] == 0  # M > 1: the token bucket's plan
     assert sm.density_hint(Gate(k=7), 77) == 7 / 77
     assert sm.density_hint(Gate(threshold=torch.tensor(0.1), density=0.2), 77) == 0.2
+    # several tokens: only a shared mask (one per call) has a known density; per-token masks are read as a union
+    assert sm.density_hint(Gate(k=7), 77, M=4) is None
+    assert sm.density_hint(Gate(k=7, shared=True), 77, M=4) == 7 / 77
+    assert sm.density_hint(Gate(k=7, shared=True), 77, M=4, steps=2) is None
+    x4 = torch.randn(4, 77, generator=g).to(x.dtype).to(DEVICE)
+    below4 = at.matmul_config(4, 53, 77, x.dtype, x.device).compact_below
+    assert sm._gate_plan(4, 53, 77, x4, density=below4)[1] > 0
+    assert sm._gate_plan(4, 53, 77, x4, density=min(1.0, below4 + 0.1))[1] == 0
+    for kind in ("topk", "topk_scale", "thresh"):
+        gate = make_gate(kind, x4, 0.6, g, shared=True)
+        assert rel_err(K.sparse_linear(x4, w, b, gate), ref_sparse(x4, w, b, gate.mask(x4))) < TOL[torch.bfloat16]
     for kind, sp in [("topk", 0.9), ("topk_scale", 0.5), ("thresh", 0.8), ("thresh_vec", 0.3)]:
         gate = make_gate(kind, x, sp, g)
         if gate.threshold is not None:

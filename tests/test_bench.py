@@ -265,6 +265,19 @@ def test_tiny_cuda_graphs(bd, tmp_path):
         assert r["graph_check"] < 2e-2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_tiny_cuda_graphs_compiled(bd, tmp_path):
+    """--compile on a GPU: inductor's step (kernels as custom ops) is captured too, and replays equal it."""
+    args = bd.parse_args(["--config", "tiny", "--batch", "1,4", "--sparsity", "0.5", "--modes", "per_token,shared",
+                          "--prompt", "16", "--new-tokens", "8", "--compile", "--out", str(tmp_path), "--quiet"])
+    rows = bd.run(args)
+    for r in rows:
+        assert r["graphs"] is True and r["compiled"] == "inductor", r["note"]
+        assert r["graph_check"] < 2e-2 and (r["ref_check"] is None or r["ref_check"] < 2e-2)
+    torch._dynamo.reset()
+
+
 # ----------------------------------------------------------------------------- bench_kernels (the kernel helper's)
 def test_bench_kernels_cases_and_writer(tmp_path):
     bk = _load("bench_kernels")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import math
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -410,3 +411,48 @@ def test_calibration_study_rejects_unknown_targets(capsys):
     with pytest.raises(SystemExit):
         cs.main(["--targets", "lm_head"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- union_study
+def test_union_density_counts_channels_any_sequence_keeps():
+    us = _load("union_study")
+    m = torch.zeros(4, 1, 4, dtype=torch.bool)  # 4 sequences, 1 position, 4 channels
+    m[0, 0, 0] = m[1, 0, 1] = m[2, 0, 0] = m[3, 0, 0] = True
+    assert us.union_density(m, 1) == 0.25
+    assert us.union_density(m, 2) == (2 / 4 + 1 / 4) / 2  # {0, 1} and {0}
+    assert us.union_density(m, 4) == 0.5
+    assert abs(us.random_union(0.5, 4) - 0.9375) < 1e-12
+    with pytest.raises(ValueError, match="batches of 3"):
+        us.union_density(m, 3)
+
+
+def test_union_study_measure_on_tiny(tiny):
+    """Top-k masks keep exactly k channels per token (B=1: the density), the union grows with B, the model
+    is left dense."""
+    us = _load("union_study")
+    ids = torch.randint(0, tiny.config.vocab_size, (4, 6), generator=torch.Generator().manual_seed(0))
+    rows = us.measure(tiny, ids, 0.5, "all", [1, 2, 4])
+    from sparse_infer import sparse_modules
+
+    assert not sparse_modules(tiny)
+    assert [r["batch"] for r in rows] == [1, 2, 4]
+    assert abs(rows[0]["union"] - 0.5) < 0.02  # floor(k) per linear: at most one channel under half
+    assert rows[0]["union"] < rows[1]["union"] <= rows[2]["union"] <= 1.0
+    assert set(rows[0]["per_kind"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "| all | 50% | 4 |" in us.markdown(rows)
+
+
+def test_union_study_main_small(smollm2, tmp_path):
+    us = _load("union_study")
+    out = tmp_path / "u.json"
+    rows = us.main(["--sparsities", "0.5", "--targets", "mlp", "--batches", "1", "2", "--sequences", "2",
+                    "--window", "32", "--out", str(out)], model=smollm2[0], tokenizer=smollm2[1])
+    assert [r["batch"] for r in rows] == [1, 2] and json.loads(out.read_text())[1]["batch"] == 2
+    assert abs(rows[0]["union"] - 0.5) < 0.01 and rows[0]["union"] < rows[1]["union"]
+
+
+def test_union_study_rejects_bad_batches(capsys):
+    us = _load("union_study")
+    with pytest.raises(SystemExit):
+        us.main(["--batches", "3", "--sequences", "16"])
+    assert "divide" in capsys.readouterr().err

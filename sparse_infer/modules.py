@@ -84,7 +84,9 @@ class _GatedBase(nn.Module):
 
     def gate(self) -> ops.Gate:
         # thresholds pass their calibrated density to the kernels as a launch hint (top-k: k/width)
-        density = self.target_density if self.threshold is not None else None
+        density = None
+        if self.threshold is not None and self.target_density is not None:
+            density = min(1.0, max(0.0, float(self.target_density)))  # planner arithmetic may round past 0
         return ops.Gate(k=self.k, threshold=self.threshold, scale=self.scale, shared=self.shared, density=density)
 
     def reset_stats(self):

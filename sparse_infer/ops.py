@@ -46,6 +46,8 @@ class Gate:
     def __post_init__(self):
         if (self.k is None) == (self.threshold is None):
             raise ValueError("Gate needs exactly one of k (top-k) or threshold")
+        if self.density is not None and not 0.0 <= self.density <= 1.0:
+            raise ValueError(f"Gate.density is a fraction of channels in [0, 1], got {self.density}")
 
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The reference mask: shaped like ``x`` per token; when shared, one row per decode step

@@ -236,6 +236,8 @@ def test_density_picks_the_compacted_loop():
     assert sm._gate_plan(1, 53, 77, x2, density=None) == (False, 0)
     assert sm.density_hint(Gate(k=7), 77) == 7 / 77
     assert sm.density_hint(Gate(threshold=torch.tensor(0.1), density=0.2), 77) == 0.2
+    with pytest.raises(ValueError, match="density"):
+        Gate(threshold=torch.tensor(0.1), density=1.5)
     # several tokens: only a shared mask (one per call) has a known density; per-token masks are read as a union
     assert sm.density_hint(Gate(k=7), 77, M=4) is None
     assert sm.density_hint(Gate(k=7, shared=True), 77, M=4) == 7 / 77

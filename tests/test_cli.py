@@ -132,3 +132,42 @@ def test_console_script_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("sparse-infer eval: error: unknown method 'nope'")
     assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- calibrate
+@pytest.mark.parametrize("method,allocation", [("rsparse", "search"), ("threshold", "greedy")])
+def test_calibrate_saves_what_load_sparsity_reads(model_dir, text_file, tmp_path, capsys, method, allocation):
+    """`sparse-infer calibrate` writes a file that patches a fresh dense copy of the model the same way."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import sparse_infer as si
+
+    out = tmp_path / "cal" / "tiny.safetensors"
+    rc = main(["calibrate", "--model", model_dir, "--text-file", text_file, "--method", method, "--allocation",
+               allocation, "--sparsity", "0.5", "--samples", "2", "--seq-len", "32", "--quick", "--search-iterations",
+               "2", "--out", str(out), "--no-progress"])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.is_file() and "load_sparsity" in stdout and f"method {method}" in stdout
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    si.load_sparsity(model, out)
+    mods = si.sparse_modules(model)
+    assert len(mods) == 3 * model.config.num_hidden_layers
+    cls = si.RSparseLinear if method == "rsparse" else si.SparseLinear
+    assert all(type(m) is cls for m in mods.values())
+    if method == "threshold":
+        assert all(torch.isfinite(m.threshold).all() for m in mods.values())
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["config"]["method"] == method and saved["config"]["allocation"] == allocation
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--sparsity", "1.5"], "sparsity"),
+    (["--samples", "0"], "--samples"),
+    (["--method", "gate", "--targets", "attn"], "gate"),
+])
+def test_calibrate_rejects_bad_input_before_loading(tmp_path, capsys, argv, needle):
+    rc = main(["calibrate", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x"), *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and needle in err and "could not load" not in err, err

@@ -331,7 +331,8 @@ class NativeEngine:
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         kc, vc = self.k_cache[i], self.v_cache[i]
-        # an index_put_ into the static cache: inductor writes it in place (no copy of the cache)
+        # an index_put_ into the static cache: inductor writes it in place (its CPU output code
+        # stores the new rows only; no copy of the cache)
         kc[:, :, positions] = k.to(kc.dtype)
         vc[:, :, positions] = v.to(vc.dtype)
         # (B, nh, T, hd) -> (B, nkv, group*T, hd): query heads kv*group+g of one KV head, rows g*T + t

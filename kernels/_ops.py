@@ -3,9 +3,10 @@
 Tested: torch 2.11 (CUDA) / 2.13 (CPU, Triton interpreter) with triton 3.6 / 3.9.
 
 ``sparse_infer::sparse_linear``, ``sparse_infer::rsparse_linear`` and
-``sparse_infer::gated_mlp`` are opaque custom ops (``torch.library.custom_op``) whose real implementation is the
-launcher in sparse_matmul.py / rsparse_matmul.py / gated_mlp.py and whose fake (meta)
-implementation only gives the output shape.  ``torch.compile`` then traces a
+``sparse_infer::gated_mlp`` are opaque custom ops (``torch.library.custom_op``)
+whose real implementation is the launcher in sparse_matmul.py /
+rsparse_matmul.py / gated_mlp.py and whose fake (meta) implementation only
+gives the output shape.  ``torch.compile`` then traces a
 model that calls the kernels without graph breaks, and
 ``mode="reduce-overhead"`` can capture them in CUDA graphs (the launchers do
 no host sync and allocate nothing data-dependent).  Eager calls skip the op

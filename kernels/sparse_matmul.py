@@ -437,8 +437,9 @@ def _sparse_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0 or N == 0:
         return y.reshape(out_shape)
-    gargs = _gate_args(x2, gate, _fused_block_m(M, x2), _steps(x, gate))
-    separate, cblock = _gate_plan(M, N, K, x2, density_hint(gate, K, M, _steps(x, gate)))
+    steps = _steps(x, gate)
+    gargs = _gate_args(x2, gate, _fused_block_m(M, x2), steps)
+    separate, cblock = _gate_plan(M, N, K, x2, density_hint(gate, K, M, steps))
     if separate:
         (x2, gargs), _ = _pregated(x2, gargs, invert=False, cblock=cblock)
     _launch(x2, weight, bias, y, **gargs)

@@ -319,6 +319,18 @@ def sweep(args, copy_gbps, meta):
     return out
 
 
+FINAL_VARIANTS = {  # per token bucket: config overrides timed next to the table's default by --final
+    # default = the table's policy (compacted ids at density <= compact_below); then each loop forced;
+    # then the instruction-count variants (bf16 column pairs widened with bit ops; a 2-D accumulator
+    # with 4 warps: KERNEL_NOTES "Issue work per tile"), untimed until a device run
+    1: [None, dict(compact_below=0.0), dict(compact=True), dict(compact=True, BLOCK_K=32),
+        dict(bf16_pairs=True), dict(bf16_pairs=True, compact=True),
+        dict(acc_2d=True, bf16_pairs=True, num_warps=4, programs_per_sm=4)],
+    8: [None, dict(compact_below=0.0), dict(compact=True)],
+    16: [None, dict(compact=True), dict(compact=True, BLOCK_K=32)],
+}
+
+
 def final(args, copy_gbps, meta):
     """Target rows (Llama-3-8B MLP, bf16): eager do_bench + CUDA-graph times, path variants for
     M=4/16, M=1 config alternatives, and the dense-fallback comparison.  Returns table rows."""
@@ -332,12 +344,6 @@ def final(args, copy_gbps, meta):
             (1, "rank-aware", 0.5),
             (1, "input-sparse-topk", 0.5), (4, "shared", 0.5), (4, "input-sparse", 0.5), (16, "shared", 0.5),
             (16, "input-sparse", 0.5)]
-    variants = {
-        # default = the table's policy (compacted ids at density <= compact_below); then each loop forced
-        1: [None, dict(compact_below=0.0), dict(compact=True), dict(compact=True, BLOCK_K=32)],
-        8: [None, dict(compact_below=0.0), dict(compact=True)],
-        16: [None, dict(compact=True), dict(compact=True, BLOCK_K=32)],
-    }
     for in_f, out_f in getattr(args, "final_shapes", None) or [(4096, 14336), (14336, 4096)]:
         dense_cache = {}
         for M, kernel, sp in plan:
@@ -363,7 +369,7 @@ def final(args, copy_gbps, meta):
                 dense_cache[M] = (tt.do_bench(dfn, rep=50, return_mode="median") * 1e3, _graph_us(dfn))
             d_eager, d_graph = dense_cache[M]
             bucket = at.token_bucket(M)
-            for vi, v in enumerate(variants[bucket] if kernel != "input-sparse-topk" else [None]):
+            for vi, v in enumerate(FINAL_VARIANTS[bucket] if kernel != "input-sparse-topk" else [None]):
                 if vi and sp == 1.0:
                     continue
                 if v:

@@ -42,6 +42,11 @@ class MatmulConfig:
     # compact only when the gate's expected density (k/K for top-k, the hint a module gives its
     # thresholds) is at most this; 0 never, `compact=True` always
     compact_below: float = 0.0
+    # one token: accumulate a (BLOCK_K, BLOCK_N) fp32 tile and reduce over K once after the loop
+    # (no per-iteration cross-warp reduction, so several warps per program cost no barriers there)
+    acc_2d: bool = False
+    # bf16 column-major weights: read column pairs as int32 and widen with bit operations (no tl.dot)
+    bf16_pairs: bool = False
 
 
 # token buckets: 1 | 2..8 | 9..16 | 17..32 | 33..64
@@ -131,7 +136,10 @@ def _matmul_config(M: int, dtype: torch.dtype, device: torch.device) -> MatmulCo
         cfg = _INTERP[b]
     else:
         cfg = _GPU[b]
-        if dtype == torch.float32 and cfg.BLOCK_N * cfg.BLOCK_K * max(cfg.BLOCK_M, 1) > 256 * 64:
+        # fp32 weight tiles take twice the registers: above 128 values of W per thread the one-warp GEMV
+        # spills (sm_90 SASS, 128x64 tile: 256 B of stack; 64x64: 202 registers, none)
+        if dtype == torch.float32 and (cfg.BLOCK_N * cfg.BLOCK_K * max(cfg.BLOCK_M, 1) > 256 * 64
+                                       or cfg.BLOCK_N * cfg.BLOCK_K > 128 * 32 * cfg.num_warps):
             cfg = replace(cfg, BLOCK_N=max(32, cfg.BLOCK_N // 2))
     if M == 1:
         return replace(cfg, BLOCK_M=1, use_dot=False, pregate=False)

@@ -467,7 +467,7 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
     scale = gate.scale if gate.scale is not None else dummy
     common = dict(ACT=act, HAS_SCALE=gate.scale is not None, HAS_BG=gate_bias is not None,
                   HAS_BU=up_bias is not None, M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot,
-                  DOT_F32=dot_f32, num_warps=nw)
+                  DOT_F32=dot_f32, num_warps=nw, enable_fp_fusion=True)
     args_w = (x2, x2.stride(0), x2.stride(1),
               gate_weight, gate_weight.stride(0), gate_weight.stride(1),
               gate_bias if gate_bias is not None else dummy,
@@ -503,7 +503,7 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
     part = torch.empty((splits, M, out_f), device=dev, dtype=torch.float32)
     _down_kernel[(grid_j, splits)](p, down_weight, down_weight.stride(0), down_weight.stride(1), part,
                                    M, inter, out_f, chunk, M_PAD=m_pad, BLOCK_I=bi, BLOCK_J=bj, USE_DOT=use_dot,
-                                   DOT_F32=dot_f32, num_warps=dw)
+                                   DOT_F32=dot_f32, num_warps=dw, enable_fp_fusion=True)
     fb = 64 if interp else max(64, 1024 // m_pad)
     _finalize_kernel[(triton.cdiv(out_f, fb),)](part, down_bias if down_bias is not None else dummy,
                                                 x2, x2.stride(0), x2.stride(1), out, M, out_f, hidden, splits,

@@ -142,8 +142,35 @@ def _store_tile(res, y_ptr, b_ptr, offs_m, offs_n, n_ok, omask, stride_ym, strid
 
 
 @triton.jit
-def _accumulate(acc, x, xf, keep, w, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr):
-    """acc += where(keep, x, 0) @ w in fp32 (tensor-core dot, GEMV, or few-token FMAs)."""
+def _load_rows(w_ptr, rows, row_ok, n0, offs_n, n_ok, N, stride_wk, stride_wn,
+               BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr, BF16_PAIRS: tl.constexpr):
+    """The W^T rows ``rows`` (BLOCK_K, BLOCK_N) of this program's columns, zero where masked off.
+
+    ``BF16_PAIRS`` (bf16, unit column stride, even N and row stride): read each pair of columns as one
+    int32 and widen both halves to fp32 with one bit operation each; Triton's own bf16 -> fp32
+    conversion spends two instructions on the upper half (sm_90 SASS: PRMT then IMAD.U32).
+    ``EVEN_N`` (N a multiple of BLOCK_N): the row predicate alone masks the loads."""
+    if BF16_PAIRS:
+        offs_p = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+        pmask = row_ok[:, None] if EVEN_N else row_ok[:, None] & (offs_p < N // 2)[None, :]
+        p = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wk // 2) + offs_p[None, :],
+                    mask=pmask, other=0)
+        lo = (p << 16).to(tl.float32, bitcast=True)  # little-endian: column 2j is the low half
+        hi = (p & -65536).to(tl.float32, bitcast=True)
+        return tl.join(lo, hi).reshape(BLOCK_K, BLOCK_N)
+    else:
+        wmask = row_ok[:, None] if EVEN_N else row_ok[:, None] & n_ok[None, :]
+        return tl.load(w_ptr + rows[:, None] * stride_wk + offs_n[None, :] * stride_wn, mask=wmask, other=0.0)
+
+
+@triton.jit
+def _accumulate(acc, x, xf, keep, w, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr,
+                ACC_2D: tl.constexpr):
+    """acc += where(keep, x, 0) @ w in fp32 (tensor-core dot, GEMV, or few-token FMAs).
+
+    GEMV with ``ACC_2D``: acc is (BLOCK_K, BLOCK_N) and takes elementwise FMAs; the K reduction
+    happens once after the loop instead of every iteration (with several warps per program that
+    per-iteration reduction is a shared-memory exchange and barriers)."""
     if USE_DOT:
         if DOT_NATIVE:
             xe = tl.where(keep, x, tl.zeros_like(x)).to(w.dtype)
@@ -153,7 +180,10 @@ def _accumulate(acc, x, xf, keep, w, BLOCK_M: tl.constexpr, USE_DOT: tl.constexp
             acc = tl.dot(xe, w.to(tl.float32), acc, input_precision="ieee")
     elif BLOCK_M == 1:
         xe = tl.sum(tl.where(keep, xf, 0.0), axis=0)
-        acc += tl.sum(xe[:, None] * w.to(tl.float32), axis=0)
+        if ACC_2D:
+            acc += xe[:, None] * w.to(tl.float32)
+        else:
+            acc += tl.sum(xe[:, None] * w.to(tl.float32), axis=0)
     else:  # few tokens: fp32 FMAs on a (BLOCK_M, BLOCK_K, BLOCK_N) broadcast
         xe = tl.where(keep, xf, 0.0)
         acc += tl.sum(xe[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
@@ -174,7 +204,8 @@ def _sparse_mm_kernel(
     MODE: tl.constexpr, INVERT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     LOWRANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr, INTERPRET: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr, ACC_2D: tl.constexpr, EVEN_N: tl.constexpr,
+    BF16_PAIRS: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -185,6 +216,8 @@ def _sparse_mm_kernel(
     m_ok = offs_m < M
     if BLOCK_M > 1:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif ACC_2D:
+        acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
@@ -198,9 +231,9 @@ def _sparse_mm_kernel(
             ids = tl.load(gm_ptr + c_base + r, mask=valid, other=0).to(tl.int64)
             xmask = m_ok[:, None] & valid[None, :]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ids[None, :] * stride_xk, mask=xmask, other=0.0)
-            w = tl.load(w_ptr + ids[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=valid[:, None] & n_ok[None, :], other=0.0)
-            acc = _accumulate(acc, x, x.to(tl.float32), xmask, w, BLOCK_M, USE_DOT, DOT_NATIVE)
+            w = _load_rows(w_ptr, ids, valid, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk, stride_wn,
+                           BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
+            acc = _accumulate(acc, x, x.to(tl.float32), xmask, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
     else:
         k_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K
         for kb in range(0, K_BLOCKS_PER_SPLIT):
@@ -211,9 +244,9 @@ def _sparse_mm_kernel(
             xf = x.to(tl.float32)
             keep, any_k = _gate_tile(x, xf, xmask, offs_m, offs_k, k_ok, M, t_ptr, s_ptr, gm_ptr,
                                      stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT)
-            w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                        mask=any_k[:, None] & n_ok[None, :], other=0.0)
-            acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE)
+            w = _load_rows(w_ptr, offs_k, any_k, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk, stride_wn,
+                           BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
+            acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
 
     # ---- low-rank rows: z (M, R) against B (R, N), fused into the same accumulator
     if LOWRANK:
@@ -221,24 +254,17 @@ def _sparse_mm_kernel(
         for rb in range(0, R_BLOCKS_PER_SPLIT):
             offs_r = r_base + rb * BLOCK_K + tl.arange(0, BLOCK_K)
             r_ok = offs_r < R
-            z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-            bw = tl.load(lb_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            if USE_DOT:
-                if DOT_NATIVE:
-                    acc = tl.dot(z.to(bw.dtype), bw, acc)
-                else:
-                    acc = tl.dot(z, bw.to(tl.float32), acc, input_precision="ieee")
-            elif BLOCK_M == 1:
-                zr = tl.sum(z, axis=0)
-                acc += tl.sum(zr[:, None] * bw.to(tl.float32), axis=0)
-            else:
-                acc += tl.sum(z[:, :, None] * bw.to(tl.float32)[None, :, :], axis=1)
+            zmask = m_ok[:, None] & r_ok[None, :]
+            z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr, mask=zmask, other=0.0)
+            bw = _load_rows(lb_ptr, offs_r, r_ok, pid_n * BLOCK_N, offs_n, n_ok, N, stride_br, stride_bn,
+                            BLOCK_K, BLOCK_N, EVEN_N, False)
+            acc = _accumulate(acc, z, z, zmask, bw, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
 
     # ---- split-K reduction in fp32, finished by the last program of the tile
     if BLOCK_M > 1:
         out = acc
+    elif ACC_2D:
+        out = tl.sum(acc, axis=0)[None, :]
     else:
         out = acc[None, :]
     omask = m_ok[:, None] & n_ok[None, :]
@@ -277,6 +303,12 @@ def _workspace(device: torch.device, n_ws: int, n_cnt: int):
 
 
 # --------------------------------------------------------------------------- launcher
+def _pairs_ok(w: torch.Tensor) -> bool:
+    """Can the kernel read W^T rows of ``w`` (N, K) as int32 column pairs?"""
+    return (w.dtype == torch.bfloat16 and w.stride(0) == 1 and w.stride(1) % 2 == 0 and w.shape[0] % 2 == 0
+            and w.data_ptr() % 4 == 0)
+
+
 def _launch(x2, w, bias, y, *, mode, t=None, stride_t=0, scale=None, gm=None, invert=False,
             z=None, lb=None, cc=None, cblock=0):
     """Run ``_sparse_mm_kernel``: x2 (M, K), w (N, K) any strides, y (M, N) preallocated."""
@@ -316,8 +348,11 @@ def _launch(x2, w, bias, y, *, mode, t=None, stride_t=0, scale=None, gm=None, in
         MODE=mode, INVERT=invert, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
         LOWRANK=z is not None,
         BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split,
-        USE_DOT=use_dot, DOT_NATIVE=dot_native, INTERPRET=interpreting(),
+        USE_DOT=use_dot, DOT_NATIVE=dot_native, ACC_2D=cfg.acc_2d and block_m == 1,
+        EVEN_N=N % cfg.BLOCK_N == 0, BF16_PAIRS=cfg.bf16_pairs and not use_dot and _pairs_ok(w),
+        INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        enable_fp_fusion=True,  # the GEMV loop is FMAs; Triton 3.10 turns fusion off by default (3.9 warns)
     )
     return y
 

@@ -297,6 +297,32 @@ def test_bench_kernels_cases_and_writer(tmp_path):
         assert Path(p).is_file() and Path(p).stat().st_size > 0
 
 
+
+def test_final_variants_are_config_fields():
+    """`--final` runs on a GPU only: a misspelt override would fail there, so check each one here."""
+    from dataclasses import replace
+    from sparse_infer.kernels import _autotune as at
+    bk = _load("bench_kernels")
+    for bucket, variants in bk.FINAL_VARIANTS.items():
+        assert variants[0] is None  # the table's default comes first: it is the row the table reports
+        for v in variants[1:]:
+            replace(at._GPU[bucket], **v)
+
+
+def test_sass_count_compiles_for_sm90(monkeypatch):
+    """bench/sass_count.py: the kernel compiles for sm_90 without a GPU, and the column-pair read of bf16
+    weights issues fewer K-loop instructions than Triton's own widening, for the same 16-byte loads."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    sc = _load("sass_count")
+    try:
+        default = sc.analyse(sc.compile_variant(*sc.VARIANTS["default"]))
+    except (ImportError, FileNotFoundError, RuntimeError) as e:  # a triton build without the CUDA toolchain
+        pytest.skip(f"cannot compile for sm_90 here: {e}")
+    pairs = sc.analyse(sc.compile_variant(*sc.VARIANTS["pairs"]))
+    assert default["regs"] > 0 and default["loop"] > 0
+    assert default["ldg128"] == pairs["ldg128"] > 0
+    assert pairs["loop"] < default["loop"]
+
 # --------------------------------------------------------------------------- bench/mlp_limits_study.py
 @pytest.fixture(scope="module")
 def ls():

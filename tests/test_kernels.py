@@ -209,7 +209,7 @@ def test_matmul_paths(use_dot, gating):
             cases += [(1, "thresh", False), (1, "topk_scale", False)]
         for i, (M, kind, shared) in enumerate(cases):
             dtype = DTYPES[i % 3]
-            g, x, w, b = make(M, 77, 53, dtype, seed=i)
+            g, x, w, b = make(M, 77, 64 if i == 1 else 53, dtype, seed=i)  # 64: N a multiple of BLOCK_N
             gate = make_gate(kind, x, [0.5, 0.9][i % 2], g, shared)
             assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[dtype]
             A, B = ref.lowrank_factors(w.float(), 4, dtype)
@@ -223,6 +223,38 @@ def test_matmul_paths(use_dot, gating):
     finally:
         for bucket in buckets:
             at.set_override(bucket)
+
+
+@pytest.mark.parametrize("variant", [dict(acc_2d=True), dict(bf16_pairs=True), dict(acc_2d=True, bf16_pairs=True)])
+@pytest.mark.parametrize("gating", ["fused", "pregate", "compact"])
+def test_gemv_variants(gating, variant):
+    """One token through the opt-in GEMV variants: `acc_2d` (a (BLOCK_K, BLOCK_N) accumulator reduced once
+    after the loop) and `bf16_pairs` (bf16 W^T rows read as int32 column pairs and widened with bit
+    operations), via the in-kernel gate, the separate gate pass and the compacted ids; low-rank rows
+    included.  bf16 weights an int32 read cannot serve (odd N, a 2-byte-aligned view) take the plain loads."""
+    from sparse_infer.kernels import _autotune as at
+    cases = [("thresh", 0.5, torch.bfloat16, 54), ("topk_scale", 0.9, torch.bfloat16, 54),
+             ("thresh_vec_scale", 0.0, torch.float16, 54), ("topk", 1.0, torch.float32, 54),
+             ("thresh", 0.3, torch.bfloat16, 53), ("topk", 0.5, torch.bfloat16, 128),
+             ("thresh", 0.7, torch.float32, 64)]  # 128, 64: N a multiple of BLOCK_N
+    try:
+        at.set_override(1, pregate=gating != "fused", compact=gating == "compact", **variant)
+        for i, (kind, sp, dtype, out_f) in enumerate(cases):
+            g, x, w, b = make(1, 77, out_f, dtype, seed=20 + i)
+            assert sm._pairs_ok(w) == (dtype == torch.bfloat16 and out_f % 2 == 0)
+            gate = make_gate(kind, x, sp, g)
+            assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[dtype]
+            A, B = ref.lowrank_factors(w.float(), 4, dtype)
+            assert rel_err(K.rsparse_linear(x, w, b, A, B, gate),
+                           ref_rsparse(x, w, b, gate.mask(x), A, B)) < TOL[dtype]
+        # a column-major view starting one element in: 2-byte aligned, so not read as pairs
+        g, x, w, b = make(1, 77, 54, torch.bfloat16, seed=30)
+        wv = K.to_kernel_layout(torch.cat([w.new_zeros(1, 77), w])).t().reshape(-1)[1:].as_strided((54, 77), (1, 55))
+        assert torch.equal(wv, w) and not sm._pairs_ok(wv)
+        gate = make_gate("thresh", x, 0.5, g)
+        assert rel_err(K.sparse_linear(x, wv, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[torch.bfloat16]
+    finally:
+        at.set_override(1)
 
 
 def test_density_picks_the_compacted_loop():
@@ -413,3 +445,24 @@ def test_torch_compile_no_graph_break():
     want = ref_sparse(x, w, b, gate.mask(x)) + ref_rsparse(x, w, b, gate.mask(x), A, B)
     assert rel_err(y, want) < 1e-5
     assert rel_err(mlp, ref.gated_mlp(x, w, wu, wd, silu, gate.mask, b, None, None)) < 1e-5
+
+
+def test_gpu_configs_fit_registers(monkeypatch):
+    """The CUDA config table (read here without a GPU): no GEMV tile holds more than 128 weight values per
+    thread in fp32 (above that the one-warp loop spills: sm_90 SASS, bench/KERNEL_NOTES.md), and the
+    16-bit tiles stay as tuned."""
+    from sparse_infer.kernels import _autotune as at
+    monkeypatch.setattr(at, "interpreting", lambda: False)
+    at._CFG_CACHE.clear()
+    try:
+        cuda = torch.device("cuda")
+        for M in (1, 3, 16, 40):
+            for dtype in DTYPES:
+                cfg = at.matmul_config(M, 4096, 4096, dtype, cuda)
+                per_thread = cfg.BLOCK_N * cfg.BLOCK_K / (32 * cfg.num_warps)
+                if dtype == torch.float32 and not cfg.use_dot:
+                    assert per_thread <= 128, (M, cfg)
+                if dtype == torch.bfloat16 and M == 1:
+                    assert (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps) == (128, 64, 1)
+    finally:
+        at._CFG_CACHE.clear()

@@ -300,7 +300,6 @@ def test_bench_kernels_cases_and_writer(tmp_path):
         assert Path(p).is_file() and Path(p).stat().st_size > 0
 
 
-
 def test_final_variants_are_config_fields():
     """`--final` runs on a GPU only: a misspelt override would fail there, so check each one here."""
     from dataclasses import replace
@@ -320,7 +319,7 @@ def test_sass_count_compiles_for_sm90():
     script = Path(__file__).resolve().parents[1] / "bench" / "sass_count.py"
     run = subprocess.run([sys.executable, str(script), "--variants", "default", "pairs"], env=env,
                          capture_output=True, text=True, timeout=300)
-    if run.returncode and re.search(r"ptxas|nvdisasm|cuobjdump|No such file", run.stderr):
+    if run.returncode and re.search(r"ptxas|nvdisasm|cuobjdump", run.stderr):
         pytest.skip(f"this triton build cannot compile for sm_90: {run.stderr[-300:]}")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {}

@@ -322,12 +322,14 @@ def sweep(args, copy_gbps, meta):
 FINAL_VARIANTS = {  # per token bucket: config overrides timed next to the table's default by --final
     # default = the table's policy (compacted ids at density <= compact_below); then each loop forced;
     # then the instruction-count variants (bf16 column pairs widened with bit ops; a 2-D accumulator
-    # with 4 warps: KERNEL_NOTES "Issue work per tile"), untimed until a device run
+    # with 4 warps: KERNEL_NOTES "Issue work per tile"), untimed until a device run; M=16: deeper
+    # cp.async pipelines (more weight bytes in flight per SM; 4 stages take 57 KB of shared memory, so
+    # 3 programs per SM)
     1: [None, dict(compact_below=0.0), dict(compact=True), dict(compact=True, BLOCK_K=32),
         dict(bf16_pairs=True), dict(bf16_pairs=True, compact=True),
         dict(acc_2d=True, bf16_pairs=True, num_warps=4, programs_per_sm=4)],
     8: [None, dict(compact_below=0.0), dict(compact=True)],
-    16: [None, dict(compact=True), dict(compact=True, BLOCK_K=32)],
+    16: [None, dict(compact=True), dict(num_stages=3), dict(num_stages=4, programs_per_sm=3)],
 }
 
 
@@ -439,7 +441,8 @@ def fallback(args, meta):
         for M in (args.fallback_tokens or (16, 32, 48, 64, 96, 128, 256)):
             x = torch.randn(M, in_f, device=_DEV).to(torch.bfloat16)
             for shared in (False, True):
-                agg = x.float().abs().mean(0) if shared else x.float().abs().flatten()[:1 << 20]
+                # shared masks rank channels by the step's RMS, as the kernels do
+                agg = x.float().pow(2).mean(0).sqrt() if shared else x.float().abs().flatten()[:1 << 20]
                 gate = Gate(threshold=torch.quantile(agg, 0.5).reshape(()), shared=shared)
                 saved = (sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS)
                 sm.DENSE_FALLBACK_TOKENS = sm.PER_TOKEN_FALLBACK_TOKENS = 1 << 30

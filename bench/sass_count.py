@@ -5,8 +5,10 @@ K loop says much about its speed before a device can time it.  This compiles
 ``_sparse_mm_kernel`` for an H100 (sm_90) with the ptxas that ships in the triton wheel,
 specialised as a real launch on the Llama-3-8B up projection (4096 -> 14336, column-major bf16
 weight: unit column stride, row stride a multiple of 16), and prints per variant: registers,
-stack (spills), instructions in the kernel and in its longest loop (the K loop), and that
-loop's most frequent opcodes.
+stack (spills), instructions in the kernel and in its longest loop (the K loop), the GPU-wide
+fences (MEMBAR.GPU) in the whole kernel, and the loop's most frequent opcodes.  The split-K
+epilogue needs one fence (the release on the tile counter); each extra one puts a serial L2 round
+trip on the kernel's tail.
 
     python bench/sass_count.py                    # the M = 1 variants of KERNEL_NOTES "Issue work per tile"
     python bench/sass_count.py --variants default pairs --opcodes 12
@@ -52,7 +54,7 @@ def compile_variant(options: dict, consts: dict, N: int = 14336, K: int = 4096):
 
     const = dict(MODE=0, INVERT=False, HAS_SCALE=False, HAS_BIAS=False, LOWRANK=False, BLOCK_M=1, BLOCK_N=128,
                  BLOCK_K=64, SPLIT_K=9, USE_DOT=False, DOT_NATIVE=False, ACC_2D=False, EVEN_N=N % 128 == 0,
-                 BF16_PAIRS=False, INTERPRET=False)
+                 BF16_PAIRS=False)
     const.update(consts)
     R = 320 if const["LOWRANK"] else 0
     ptr = {"x_ptr": "bf16", "w_ptr": "bf16", "y_ptr": "bf16", "b_ptr": "bf16", "t_ptr": "fp32", "s_ptr": "fp32",
@@ -117,6 +119,7 @@ def analyse(compiled) -> dict:
             loop = body if len(body) > len(loop) else loop
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), instructions=len(ins), loop=len(loop),
                 ldg128=sum(1 for _, o, line in ins if o == "LDG" and ".128" in line),
+                fences=sum(1 for _, o, line in ins if o == "MEMBAR" and ".GPU" in line),
                 loop_ops=collections.Counter(loop))
 
 
@@ -128,8 +131,8 @@ def main(argv=None):
     import triton
     print(f"triton {triton.__version__}, sm_90, 4096 -> 14336 bf16, column-major weight")
     print("| variant | registers | stack B | instructions | K-loop instructions (per warp) | warp-instructions "
-          "per 1k weights | LDG.128 | loop opcodes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---|")
+          "per 1k weights | LDG.128 | GPU fences | loop opcodes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in args.variants:
         options, consts = VARIANTS[name]
         a = analyse(compile_variant(options, consts))
@@ -137,7 +140,7 @@ def main(argv=None):
         per_k = a["loop"] * options.get("num_warps", 1) / (128 * 64 / 1024)
         ops = ", ".join(f"{o} {n}" for o, n in a["loop_ops"].most_common(args.opcodes))
         print(f"| {name} | {a['regs']} | {a['stack']} | {a['instructions']} | {a['loop']} | {per_k:.0f} | "
-              f"{a['ldg128']} | {ops} |", flush=True)
+              f"{a['ldg128']} | {a['fences']} | {ops} |", flush=True)
 
 
 if __name__ == "__main__":

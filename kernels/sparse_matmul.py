@@ -32,8 +32,10 @@ Design (one launch):
   measured on a GPU, off by default).
 * Split-K partial sums go to an fp32 workspace with fp32 atomics (never
   bf16 atomics); the last program to finish a tile (an acq_rel counter per
-  tile) reads the tile back with ``atomic_xchg(ws, 0)`` - which also re-zeroes
-  the workspace for the next call - adds the bias and stores y in x's dtype.
+  tile) reads the tile back with plain L2 loads, re-zeroes it for the next
+  call, adds the bias and stores y in x's dtype.  The counter's release and
+  acquire order the partial sums before the read-back: one GPU-wide fence
+  per program, not one per element group (``bench/sass_count.py`` counts them).
 * Optional low-rank rows (``LOWRANK``): extra "input channels" z (M, R) fp32
   against rows of B (R, N), accumulated in the same tile - this is how the
   rank-aware op fuses its B-expansion (see rsparse_matmul.py).
@@ -205,7 +207,7 @@ def _sparse_mm_kernel(
     LOWRANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr, ACC_2D: tl.constexpr, EVEN_N: tl.constexpr,
-    BF16_PAIRS: tl.constexpr, INTERPRET: tl.constexpr,
+    BF16_PAIRS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -277,11 +279,13 @@ def _sparse_mm_kernel(
         tile = pid_m * tl.num_programs(0) + pid_n
         done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if done == SPLIT_K - 1:
-            if INTERPRET:  # the interpreter has no fp32 atomic_xchg; its programs run one at a time
-                res = tl.load(ws_ptr + ws_offs, mask=omask, other=0.0)
-                tl.store(ws_ptr + ws_offs, tl.zeros_like(out), mask=omask)
-            else:
-                res = tl.atomic_xchg(ws_ptr + ws_offs, tl.zeros_like(out), mask=omask, sem="acq_rel")
+            # Plain (vector, L2-only) reads suffice: every program's adds precede its barrier and its
+            # release on the counter, and this program's acquire precedes Triton's barrier that
+            # broadcasts `done`, so all partial sums are visible here.  (An acq_rel atomic_xchg per
+            # element, as before, put one GPU-wide fence and one serial L2 round trip per element
+            # group on the kernel's tail: 16 of them at M=16.)
+            res = tl.load(ws_ptr + ws_offs, mask=omask, other=0.0, cache_modifier=".cg")
+            tl.store(ws_ptr + ws_offs, tl.zeros_like(out), mask=omask, cache_modifier=".cg")  # ready for the next call
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
             _store_tile(res, y_ptr, b_ptr, offs_m, offs_n, n_ok, omask, stride_ym, stride_yn, HAS_BIAS)
 
@@ -350,7 +354,6 @@ def _launch(x2, w, bias, y, *, mode, t=None, stride_t=0, scale=None, gm=None, in
         BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split,
         USE_DOT=use_dot, DOT_NATIVE=dot_native, ACC_2D=cfg.acc_2d and block_m == 1,
         EVEN_N=N % cfg.BLOCK_N == 0, BF16_PAIRS=cfg.bf16_pairs and not use_dot and _pairs_ok(w),
-        INTERPRET=interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=True,  # the GEMV loop is FMAs; Triton 3.10 turns fusion off by default (3.9 warns)
     )

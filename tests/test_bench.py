@@ -313,8 +313,8 @@ def test_final_variants_are_config_fields():
 
 def test_sass_count_compiles_for_sm90():
     """bench/sass_count.py: the kernel compiles for sm_90 without a GPU, and the column-pair read of bf16
-    weights issues fewer K-loop instructions than Triton's own widening, for the same 16-byte loads.
-    (A subprocess: this session's kernels were built for the interpreter, which cannot compile.)"""
+    weights issues fewer K-loop instructions than Triton's own widening, for the same 16-byte loads, and the
+    split-K tail has one GPU-wide fence (the counter's release), not one per element group.  (A subprocess: this session's kernels were built for the interpreter, which cannot compile.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "bench" / "sass_count.py"
     run = subprocess.run([sys.executable, str(script), "--variants", "default", "pairs"], env=env,
@@ -326,10 +326,11 @@ def test_sass_count_compiles_for_sm90():
     for line in run.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[0] in ("default", "pairs"):
-            rows[cells[0]] = dict(regs=int(cells[1]), loop=int(cells[4]), ldg128=int(cells[6]))
+            rows[cells[0]] = dict(regs=int(cells[1]), loop=int(cells[4]), ldg128=int(cells[6]), fences=int(cells[7]))
     assert rows["default"]["regs"] > 0 and rows["default"]["loop"] > 0
     assert rows["default"]["ldg128"] == rows["pairs"]["ldg128"] > 0
     assert rows["pairs"]["loop"] < rows["default"]["loop"]
+    assert rows["default"]["fences"] == rows["pairs"]["fences"] == 1
 
 
 # --------------------------------------------------------------------------- bench/mlp_limits_study.py

@@ -385,6 +385,22 @@ def test_topk_streamed_rows(monkeypatch):
         assert torch.equal(K.topk_mask(x, k, shared=True), ref.shared_topk_mask(x, k))
 
 
+@pytest.mark.parametrize("M", [1, 16])
+def test_split_k_readback_back_to_back(M):
+    """Calls queued back to back (no sync between them on CUDA), each with other inputs: every result equals
+    its reference, so the last program of each tile read all partial sums of its own call, and the shared
+    fp32 workspace and tile counters are left zeroed for the next one."""
+    in_f, out_f, calls = (4096, 2048, 12) if CUDA else (200, 70, 3)
+    g, _, w, b = make(M, in_f, out_f, torch.bfloat16)
+    xs = [rnd(g, M, in_f, dtype=torch.bfloat16) for _ in range(calls)]
+    gates = [make_gate("thresh", x, 0.5, g, shared=M > 1) for x in xs]
+    outs = [K.sparse_linear(x, w, b, gate) for x, gate in zip(xs, gates)]
+    for x, gate, y in zip(xs, gates, outs):
+        assert rel_err(y, ref_sparse(x, w, b, gate.mask(x))) < TOL[torch.bfloat16]
+    ws, cnt = sm._WS[(x.device.type, x.device.index)]
+    assert not ws.any() and not cnt.any()
+
+
 # --------------------------------------------------------------------------- CUDA only
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture():

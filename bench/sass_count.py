@@ -6,7 +6,9 @@ K loop says much about its speed before a device can time it.  This compiles
 specialised as a real launch on the Llama-3-8B up projection (4096 -> 14336, column-major bf16
 weight: unit column stride, row stride a multiple of 16), and prints per variant: registers,
 stack (spills), instructions in the kernel and in its longest loop (the K loop), the GPU-wide
-fences (MEMBAR.GPU) in the whole kernel, and the loop's most frequent opcodes.  The split-K
+fences (MEMBAR.GPU) in the whole kernel, the cp.async groups the loop keeps in flight while it
+waits (tensor-core paths; "-" where the loop loads straight into registers), and the loop's most
+frequent opcodes.  The split-K
 epilogue needs one fence (the release on the tile counter); each extra one puts a serial L2 round
 trip on the kernel's tail.
 
@@ -32,10 +34,15 @@ VARIANTS = {
     "pairs": (dict(num_warps=1), dict(BF16_PAIRS=True)),
     "compact": (dict(num_warps=1), dict(MODE=6)),
     "compact+pairs": (dict(num_warps=1), dict(MODE=6, BF16_PAIRS=True)),
+    "prefetch": (dict(num_warps=1), dict(PREFETCH=True)),
+    "prefetch+pairs": (dict(num_warps=1), dict(PREFETCH=True, BF16_PAIRS=True)),
+    "compact+prefetch": (dict(num_warps=1), dict(MODE=6, PREFETCH=True)),
     "rank-aware": (dict(num_warps=1), dict(LOWRANK=True)),
     "acc2d-4warps": (dict(num_warps=4), dict(ACC_2D=True)),
     "acc2d-4warps+pairs": (dict(num_warps=4), dict(ACC_2D=True, BF16_PAIRS=True)),
     "m16-dot-pregated": (dict(num_warps=4, num_stages=2), dict(BLOCK_M=16, MODE=5, USE_DOT=True, DOT_NATIVE=True)),
+    "m16-dot-3stages": (dict(num_warps=4, num_stages=3), dict(BLOCK_M=16, MODE=5, USE_DOT=True, DOT_NATIVE=True)),
+    "m16-compact": (dict(num_warps=4, num_stages=2), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True)),
 }
 
 
@@ -54,7 +61,7 @@ def compile_variant(options: dict, consts: dict, N: int = 14336, K: int = 4096):
 
     const = dict(MODE=0, INVERT=False, HAS_SCALE=False, HAS_BIAS=False, LOWRANK=False, BLOCK_M=1, BLOCK_N=128,
                  BLOCK_K=64, SPLIT_K=9, USE_DOT=False, DOT_NATIVE=False, ACC_2D=False, EVEN_N=N % 128 == 0,
-                 BF16_PAIRS=False)
+                 BF16_PAIRS=False, PREFETCH=False)
     const.update(consts)
     R = 320 if const["LOWRANK"] else 0
     ptr = {"x_ptr": "bf16", "w_ptr": "bf16", "y_ptr": "bf16", "b_ptr": "bf16", "t_ptr": "fp32", "s_ptr": "fp32",
@@ -111,15 +118,20 @@ def analyse(compiled) -> dict:
                 labels[p] = addr
             pending = []
             ins.append((addr, hit.group(2), line))
-    loop = []  # the longest backward branch's body
+    loop, loop_lines = [], []  # the longest backward branch's body
     for addr, op, line in ins:
         back = re.search(r"BRA\s.*?\.L_x_(\d+)", line)
         if back and labels.get(back.group(1), addr + 1) < addr:
-            body = [o for a, o, _ in ins if labels[back.group(1)] <= a <= addr]
-            loop = body if len(body) > len(loop) else loop
+            body = [(o, text) for a, o, text in ins if labels[back.group(1)] <= a <= addr]
+            if len(body) > len(loop):
+                loop, loop_lines = [o for o, _ in body], [text for _, text in body]
     return dict(regs=int(m.group(1)), stack=int(m.group(2)), instructions=len(ins), loop=len(loop),
                 ldg128=sum(1 for _, o, line in ins if o == "LDG" and ".128" in line),
                 fences=sum(1 for _, o, line in ins if o == "MEMBAR" and ".GPU" in line),
+                # cp.async groups the K loop lets stay in flight while it waits (DEPBAR.LE SB0, n): 0 = the
+                # loop waits for every copy it issued, i.e. no overlap of the weight stream with the math
+                in_flight=max((int(m.group(1), 16) for o, line in zip(loop, loop_lines)
+                               for m in [re.search(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", line)] if m), default=None),
                 loop_ops=collections.Counter(loop))
 
 
@@ -131,8 +143,8 @@ def main(argv=None):
     import triton
     print(f"triton {triton.__version__}, sm_90, 4096 -> 14336 bf16, column-major weight")
     print("| variant | registers | stack B | instructions | K-loop instructions (per warp) | warp-instructions "
-          "per 1k weights | LDG.128 | GPU fences | loop opcodes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+          "per 1k weights | LDG.128 | GPU fences | copy groups in flight | loop opcodes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name in args.variants:
         options, consts = VARIANTS[name]
         a = analyse(compile_variant(options, consts))
@@ -140,7 +152,7 @@ def main(argv=None):
         per_k = a["loop"] * options.get("num_warps", 1) / (128 * 64 / 1024)
         ops = ", ".join(f"{o} {n}" for o, n in a["loop_ops"].most_common(args.opcodes))
         print(f"| {name} | {a['regs']} | {a['stack']} | {a['instructions']} | {a['loop']} | {per_k:.0f} | "
-              f"{a['ldg128']} | {a['fences']} | {ops} |", flush=True)
+              f"{a['ldg128']} | {a['fences']} | {'-' if a['in_flight'] is None else a['in_flight']} | {ops} |", flush=True)
 
 
 if __name__ == "__main__":

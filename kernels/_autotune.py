@@ -47,6 +47,9 @@ class MatmulConfig:
     acc_2d: bool = False
     # bf16 column-major weights: read column pairs as int32 and widen with bit operations (no tl.dot)
     bf16_pairs: bool = False
+    # issue the loads that pick the next block's weight rows (x and its gate, or the next active ids)
+    # while this block's rows are in flight: one memory round trip per iteration instead of two
+    prefetch: bool = False
 
 
 # token buckets: 1 | 2..8 | 9..16 | 17..32 | 33..64

@@ -27,9 +27,12 @@ Design (one launch):
   matmul's own pass over x (M == 1 default: no extra launch), or in a separate
   pass (``gating.pregate``: masked x + union of active channels; the default
   for M > 1, it keeps cross-warp reductions out of the matmul loop), which can
-  also compact the active channel ids per K-block (``compact``, MODE 6: the
-  matmul then loops over active rows only; correct and tested, not yet
-  measured on a GPU, off by default).
+  also compact the active channel ids per K-block (MODE 6: the matmul then
+  loops over active rows only; chosen by the gate's expected density,
+  ``MatmulConfig.compact_below``).
+* ``PREFETCH`` (opt-in, untimed): the loads that decide the next block's
+  rows (x and its gate, or the next active ids) are issued while this
+  block's rows are in flight: one memory round trip per iteration, not two.
 * Split-K partial sums go to an fp32 workspace with fp32 atomics (never
   bf16 atomics); the last program to finish a tile (an acq_rel counter per
   tile) reads the tile back with plain L2 loads, re-zeroes it for the next
@@ -135,6 +138,20 @@ def _gate_tile(x, xf, xmask, offs_m, offs_k, k_ok, M, t_ptr, s_ptr, gm_ptr,
 
 
 @triton.jit
+def _x_gate(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm, stride_xk, stride_t, stride_gm,
+            stride_gk, MODE: tl.constexpr, HAS_SCALE: tl.constexpr, INVERT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x of the BLOCK_K channels from ``k0`` (zero at and past ``k_end``) and their gate: (x, xf, keep, any_k)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_end
+    xmask = m_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=xmask, other=0.0)
+    xf = x.to(tl.float32)
+    keep, any_k = _gate_tile(x, xf, xmask, offs_m, offs_k, k_ok, M, t_ptr, s_ptr, gm_ptr,
+                             stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT)
+    return x, xf, keep, any_k
+
+
+@triton.jit
 def _store_tile(res, y_ptr, b_ptr, offs_m, offs_n, n_ok, omask, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -207,7 +224,7 @@ def _sparse_mm_kernel(
     LOWRANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr, ACC_2D: tl.constexpr, EVEN_N: tl.constexpr,
-    BF16_PAIRS: tl.constexpr,
+    BF16_PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -224,31 +241,49 @@ def _sparse_mm_kernel(
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
 
     # ---- sparse part: rows of W^T of active channels only
+    # PREFETCH: the loads that decide which rows to read (x and its gate, or the next active ids) are
+    # issued one block ahead, while this block's weight rows are in flight, so each iteration waits
+    # for one memory round trip instead of two dependent ones
     if MODE == 6:  # compacted: loop over this block's active channel ids only
         n_act = tl.load(cc_ptr + pid_k)
         c_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K
+        if PREFETCH:
+            r = tl.arange(0, BLOCK_K)
+            ids = tl.load(gm_ptr + c_base + r, mask=r < n_act, other=0).to(tl.int64)
         for i in range(0, n_act, BLOCK_K):
             r = i + tl.arange(0, BLOCK_K)
             valid = r < n_act
-            ids = tl.load(gm_ptr + c_base + r, mask=valid, other=0).to(tl.int64)
+            if not PREFETCH:
+                ids = tl.load(gm_ptr + c_base + r, mask=valid, other=0).to(tl.int64)
             xmask = m_ok[:, None] & valid[None, :]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ids[None, :] * stride_xk, mask=xmask, other=0.0)
             w = _load_rows(w_ptr, ids, valid, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk, stride_wn,
                            BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
+            if PREFETCH:
+                ids = tl.load(gm_ptr + c_base + r + BLOCK_K, mask=r + BLOCK_K < n_act, other=0).to(tl.int64)
             acc = _accumulate(acc, x, x.to(tl.float32), xmask, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
     else:
         k_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K
+        k_end = tl.minimum(K, k_base + K_BLOCKS_PER_SPLIT * BLOCK_K)  # this split's channels
+        if PREFETCH:
+            x, xf, keep, any_k = _x_gate(x_ptr, k_base, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm,
+                                         stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT, BLOCK_K)
         for kb in range(0, K_BLOCKS_PER_SPLIT):
-            offs_k = k_base + kb * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            xmask = m_ok[:, None] & k_ok[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=xmask, other=0.0)
-            xf = x.to(tl.float32)
-            keep, any_k = _gate_tile(x, xf, xmask, offs_m, offs_k, k_ok, M, t_ptr, s_ptr, gm_ptr,
-                                     stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT)
-            w = _load_rows(w_ptr, offs_k, any_k, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk, stride_wn,
-                           BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
-            acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
+            k0 = k_base + kb * BLOCK_K
+            if not PREFETCH:
+                x, xf, keep, any_k = _x_gate(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm,
+                                             stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT,
+                                             BLOCK_K)
+            w = _load_rows(w_ptr, k0 + tl.arange(0, BLOCK_K), any_k, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk,
+                           stride_wn, BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
+            if PREFETCH:
+                xn, xfn, keepn, anyn = _x_gate(x_ptr, k0 + BLOCK_K, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr,
+                                               stride_xm, stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE,
+                                               INVERT, BLOCK_K)
+                acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
+                x, xf, keep, any_k = xn, xfn, keepn, anyn
+            else:
+                acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
 
     # ---- low-rank rows: z (M, R) against B (R, N), fused into the same accumulator
     if LOWRANK:
@@ -354,6 +389,7 @@ def _launch(x2, w, bias, y, *, mode, t=None, stride_t=0, scale=None, gm=None, in
         BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split,
         USE_DOT=use_dot, DOT_NATIVE=dot_native, ACC_2D=cfg.acc_2d and block_m == 1,
         EVEN_N=N % cfg.BLOCK_N == 0, BF16_PAIRS=cfg.bf16_pairs and not use_dot and _pairs_ok(w),
+        PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=True,  # the GEMV loop is FMAs; Triton 3.10 turns fusion off by default (3.9 warns)
     )

@@ -311,10 +311,19 @@ def test_final_variants_are_config_fields():
             replace(at._GPU[bucket], **v)
 
 
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_decode.sh"])
+def test_device_scripts_fit_one_call(script):
+    """Each device script is one `run` call, which is stopped after 600 s: its steps' timeouts must fit."""
+    text = (Path(__file__).resolve().parents[1] / "bench" / script).read_text()
+    limits = [int(t) for t in re.findall(r"^\s*timeout (\d+) ", text, flags=re.M)]
+    assert limits and sum(limits) <= 590, limits
+
+
 def test_sass_count_compiles_for_sm90():
     """bench/sass_count.py: the kernel compiles for sm_90 without a GPU, and the column-pair read of bf16
     weights issues fewer K-loop instructions than Triton's own widening, for the same 16-byte loads, and the
-    split-K tail has one GPU-wide fence (the counter's release), not one per element group.  (A subprocess: this session's kernels were built for the interpreter, which cannot compile.)"""
+    split-K tail has one GPU-wide fence (the counter's release), not one per element group.  (A subprocess:
+    this session's kernels were built for the interpreter, which cannot compile.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "bench" / "sass_count.py"
     run = subprocess.run([sys.executable, str(script), "--variants", "default", "pairs"], env=env,

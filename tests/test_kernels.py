@@ -257,6 +257,34 @@ def test_gemv_variants(gating, variant):
         at.set_override(1)
 
 
+@pytest.mark.parametrize("M", [1, 5])
+@pytest.mark.parametrize("gating", ["fused", "pregate", "compact"])
+def test_prefetch(gating, M):
+    """`prefetch` (the next block's x and gate, or its active ids, loaded while this block's rows are in flight)
+    over several K blocks per program, a partial last block, sparsity 0 and 1, NaN in x, low-rank rows,
+    the GEMV (M=1) and tensor-core (M=5, padded to 16) paths."""
+    from sparse_infer.kernels import _autotune as at
+    bucket = at.token_bucket(M)
+    cases = [("thresh_vec_scale", 0.5, torch.bfloat16), ("topk", 0.9, torch.float16), ("thresh", 0.0, torch.float32),
+             ("topk_scale", 1.0, torch.bfloat16), ("thresh", 0.3, torch.float32)]
+    try:
+        at.set_override(bucket, pregate=gating != "fused", compact=gating == "compact", prefetch=True,
+                        **(dict(use_dot=True, BLOCK_M=16) if M > 1 else {}))
+        for i, (kind, sp, dtype) in enumerate(cases):
+            g, x, w, b = make(M, 300, 54, dtype, seed=40 + i)  # 10 blocks of 32 channels: 4 per program, 12 left over
+            if i == 4:
+                x[0, 7] = float("nan")
+            gate = make_gate(kind, x, sp, g)
+            y, yr = K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))
+            assert torch.equal(y.isnan(), yr.isnan())
+            assert rel_err(y.nan_to_num(), yr.nan_to_num()) < TOL[dtype]
+            if i < 2:
+                A, B = ref.lowrank_factors(w.float(), 4, dtype)
+                assert rel_err(K.rsparse_linear(x, w, b, A, B, gate), ref_rsparse(x, w, b, gate.mask(x), A, B)) < TOL[dtype]
+    finally:
+        at.set_override(bucket)
+
+
 def test_density_picks_the_compacted_loop():
     """A gate expected to keep at most `compact_below` of the channels (k/K for top-k, the module's hint for
     thresholds) takes the compacted-id loop, a denser one the masked loop; M=1, and shared masks of a few

@@ -192,7 +192,7 @@ def _make_inputs(case, gen):
     sparsity = 1.0 - case["active"] if case["kernel"] == "rank-aware" else case["sparsity"]
     absx = x.float().abs()
     if case["kernel"] == "shared":
-        agg = absx.pow(2).mean(0).sqrt()  # shared masks rank channels by the step's RMS (reference)
+        agg = ref._step_importance(x.float(), None)  # the score shared masks rank channels by
         t = torch.quantile(agg, sparsity) if sparsity > 0 else torch.tensor(-1.0, device=_DEV)
         gate = Gate(threshold=t.reshape(()).float(), shared=True, density=1.0 - sparsity)
     elif case["kernel"] == "input-sparse-topk":
@@ -435,6 +435,7 @@ def fallback(args, meta):
     from sparse_infer import kernels as K
     from sparse_infer.kernels import sparse_matmul as sm
     from sparse_infer.ops import Gate
+    from sparse_infer import reference as ref
     import torch.nn.functional as F
     res = []
     for in_f, out_f in [(4096, 14336), (14336, 4096)][: 1 if args.fallback_tokens else 2]:
@@ -443,8 +444,7 @@ def fallback(args, meta):
         for M in (args.fallback_tokens or (16, 32, 48, 64, 96, 128, 256)):
             x = torch.randn(M, in_f, device=_DEV).to(torch.bfloat16)
             for shared in (False, True):
-                # shared masks rank channels by the step's RMS, as the kernels do
-                agg = x.float().pow(2).mean(0).sqrt() if shared else x.float().abs().flatten()[:1 << 20]
+                agg = ref._step_importance(x.float(), None) if shared else x.float().abs().flatten()[:1 << 20]
                 gate = Gate(threshold=torch.quantile(agg, 0.5).reshape(()), shared=shared)
                 saved = (sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS)
                 sm.DENSE_FALLBACK_TOKENS = sm.PER_TOKEN_FALLBACK_TOKENS = 1 << 30

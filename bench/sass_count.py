@@ -8,9 +8,8 @@ weight: unit column stride, row stride a multiple of 16), and prints per variant
 stack (spills), instructions in the kernel and in its longest loop (the K loop), the GPU-wide
 fences (MEMBAR.GPU) in the whole kernel, the cp.async groups the loop keeps in flight while it
 waits (tensor-core paths; "-" where the loop loads straight into registers), and the loop's most
-frequent opcodes.  The split-K
-epilogue needs one fence (the release on the tile counter); each extra one puts a serial L2 round
-trip on the kernel's tail.
+frequent opcodes.  The split-K epilogue needs one fence (the release on the tile counter); each
+extra one puts a serial L2 round trip on the kernel's tail.
 
     python bench/sass_count.py                    # the M = 1 variants of KERNEL_NOTES "Issue work per tile"
     python bench/sass_count.py --variants default pairs --opcodes 12

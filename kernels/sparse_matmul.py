@@ -152,6 +152,12 @@ def _x_gate(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm, 
 
 
 @triton.jit
+def _active_ids(ids_ptr, r, n_act):
+    """Entries ``r`` of a compacted block's active channel ids (0 from its ``n_act``-th on)."""
+    return tl.load(ids_ptr + r, mask=r < n_act, other=0).to(tl.int64)
+
+
+@triton.jit
 def _store_tile(res, y_ptr, b_ptr, offs_m, offs_n, n_ok, omask, stride_ym, stride_yn, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         b = tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -246,21 +252,20 @@ def _sparse_mm_kernel(
     # for one memory round trip instead of two dependent ones
     if MODE == 6:  # compacted: loop over this block's active channel ids only
         n_act = tl.load(cc_ptr + pid_k)
-        c_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K
+        ids_ptr = gm_ptr + pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K  # this block's compacted ids
         if PREFETCH:
-            r = tl.arange(0, BLOCK_K)
-            ids = tl.load(gm_ptr + c_base + r, mask=r < n_act, other=0).to(tl.int64)
+            ids = _active_ids(ids_ptr, tl.arange(0, BLOCK_K), n_act)
         for i in range(0, n_act, BLOCK_K):
             r = i + tl.arange(0, BLOCK_K)
             valid = r < n_act
             if not PREFETCH:
-                ids = tl.load(gm_ptr + c_base + r, mask=valid, other=0).to(tl.int64)
+                ids = _active_ids(ids_ptr, r, n_act)
             xmask = m_ok[:, None] & valid[None, :]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ids[None, :] * stride_xk, mask=xmask, other=0.0)
             w = _load_rows(w_ptr, ids, valid, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk, stride_wn,
                            BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
-            if PREFETCH:
-                ids = tl.load(gm_ptr + c_base + r + BLOCK_K, mask=r + BLOCK_K < n_act, other=0).to(tl.int64)
+            if PREFETCH:  # offsets as r + BLOCK_K: written as (i + BLOCK_K) + arange, sm_90 code had ~60 more
+                ids = _active_ids(ids_ptr, r + BLOCK_K, n_act)
             acc = _accumulate(acc, x, x.to(tl.float32), xmask, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
     else:
         k_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K
@@ -280,10 +285,9 @@ def _sparse_mm_kernel(
                 xn, xfn, keepn, anyn = _x_gate(x_ptr, k0 + BLOCK_K, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr,
                                                stride_xm, stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE,
                                                INVERT, BLOCK_K)
-                acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
+            acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
+            if PREFETCH:
                 x, xf, keep, any_k = xn, xfn, keepn, anyn
-            else:
-                acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
 
     # ---- low-rank rows: z (M, R) against B (R, N), fused into the same accumulator
     if LOWRANK:

@@ -425,7 +425,7 @@ def test_split_k_readback_back_to_back(M):
     outs = [K.sparse_linear(x, w, b, gate) for x, gate in zip(xs, gates)]
     for x, gate, y in zip(xs, gates, outs):
         assert rel_err(y, ref_sparse(x, w, b, gate.mask(x))) < TOL[torch.bfloat16]
-    ws, cnt = sm._WS[(x.device.type, x.device.index)]
+    ws, cnt = sm._WS[(w.device.type, w.device.index)]
     assert not ws.any() and not cnt.any()
 
 

@@ -323,15 +323,16 @@ FINAL_VARIANTS = {  # per token bucket: config overrides timed next to the table
     # default = the table's policy (compacted ids at density <= compact_below); then each loop forced;
     # then the instruction-count variants (bf16 column pairs widened with bit ops; a 2-D accumulator
     # with 4 warps: KERNEL_NOTES "Issue work per tile"; the next block's gate loaded one block ahead:
-    # "Latency work"), untimed until a device run; M=16: deeper
-    # cp.async pipelines (more weight bytes in flight per SM; 4 stages take 57 KB of shared memory, so
-    # 3 programs per SM)
+    # "Latency work"), untimed until a device run; M=4/16: deeper
+    # cp.async pipelines (more weight bytes in flight per SM; 4 stages of the masked loop take 57 KB of
+    # shared memory, so 3 programs per SM), for the compacted loop too since its ids are int16 (stop 17)
     1: [None, dict(compact_below=0.0), dict(compact=True), dict(compact=True, BLOCK_K=32),
         dict(bf16_pairs=True), dict(bf16_pairs=True, compact=True),
         dict(acc_2d=True, bf16_pairs=True, num_warps=4, programs_per_sm=4),
         dict(prefetch=True), dict(prefetch=True, bf16_pairs=True)],
-    8: [None, dict(compact_below=0.0), dict(compact=True)],
-    16: [None, dict(compact=True), dict(num_stages=3), dict(num_stages=4, programs_per_sm=3)],
+    8: [None, dict(compact_below=0.0), dict(compact=True), dict(num_stages=3)],
+    16: [None, dict(compact=True), dict(num_stages=3), dict(num_stages=4, programs_per_sm=3),
+         dict(compact=True, num_stages=3), dict(compact=True, num_stages=4)],
 }
 
 

@@ -42,6 +42,8 @@ VARIANTS = {
     "m16-dot-pregated": (dict(num_warps=4, num_stages=2), dict(BLOCK_M=16, MODE=5, USE_DOT=True, DOT_NATIVE=True)),
     "m16-dot-3stages": (dict(num_warps=4, num_stages=3), dict(BLOCK_M=16, MODE=5, USE_DOT=True, DOT_NATIVE=True)),
     "m16-compact": (dict(num_warps=4, num_stages=2), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True)),
+    "m16-compact-3stages": (dict(num_warps=4, num_stages=3), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True)),
+    "m16-compact-4stages": (dict(num_warps=4, num_stages=4), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True)),
 }
 
 
@@ -64,7 +66,10 @@ def compile_variant(options: dict, consts: dict, N: int = 14336, K: int = 4096):
     const.update(consts)
     R = 320 if const["LOWRANK"] else 0
     ptr = {"x_ptr": "bf16", "w_ptr": "bf16", "y_ptr": "bf16", "b_ptr": "bf16", "t_ptr": "fp32", "s_ptr": "fp32",
-           "gm_ptr": "i32" if const["MODE"] == 6 else "i8", "cc_ptr": "i32", "z_ptr": "fp32", "lb_ptr": "bf16",
+           # compacted ids: int16 for the tensor-core loop with >= 3 stages, else int32 (gating.compact_ids_dtype)
+           "gm_ptr": ("i16" if const["USE_DOT"] and options.get("num_stages", 1) >= 3 else "i32")
+           if const["MODE"] == 6 else "i8",
+           "cc_ptr": "i32", "z_ptr": "fp32", "lb_ptr": "bf16",
            "ws_ptr": "fp32", "cnt_ptr": "i32"}
     # column-major W (stride_wn = 1, stride_wk = N); x, y, z (M, R) and B (R, N) contiguous
     ints = dict(M=const["BLOCK_M"], N=N, K=K, R=R, stride_xm=K, stride_xk=1, stride_wk=N, stride_wn=1,

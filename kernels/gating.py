@@ -211,26 +211,28 @@ def _pregate_kernel(
     tl.store(any_ptr + offs, any_v.to(tl.int8), mask=ok)
     if WRITE_INV:
         tl.store(anyi_ptr + offs, any_i.to(tl.int8), mask=ok)
-    if COMPACT:  # this block's active channel ids, in order, and their count (stream compaction)
+    if COMPACT:  # this block's active channel ids (relative to the block), in order, and their count
         base = tl.program_id(0) * BLOCK
+        rel = tl.arange(0, BLOCK).to(idx_ptr.dtype.element_ty)
         pos = tl.cumsum(any_v, axis=0) - 1
-        tl.store(idx_ptr + base + pos, offs, mask=any_v > 0)
+        tl.store(idx_ptr + base + pos, rel, mask=any_v > 0)
         tl.store(cnt_ptr + tl.program_id(0), tl.sum(any_v, axis=0))
         if WRITE_INV:
             pos_i = tl.cumsum(any_i, axis=0) - 1
-            tl.store(idxi_ptr + base + pos_i, offs, mask=any_i > 0)
+            tl.store(idxi_ptr + base + pos_i, rel, mask=any_i > 0)
             tl.store(cnti_ptr + tl.program_id(0), tl.sum(any_i, axis=0))
 
 
 # --------------------------------------------------------------------------- launchers
 def pregate(x2: torch.Tensor, mode: int, t=None, stride_t: int = 0, scale=None, gm=None, invert: bool = False,
-            compact_block: int = 0):
+            compact_block: int = 0, ids_dtype: torch.dtype = torch.int32):
     """Run ``_pregate_kernel``.
 
     Returns a dict: ``xe`` (M, K) masked x, ``any`` (K,) int8 union of active channels, and with
     ``invert`` also ``xi``/``anyi`` for the complement.  With ``compact_block`` (a power of two),
     also ``idx``/``cnt`` (and ``idxi``/``cnti``): per block of that many channels, the ids of the
-    active channels in order (int32, at ``block * compact_block``) and their count.
+    active channels in order, relative to the block (at ``block * compact_block``), and their count.
+    ``ids_dtype``: see ``compact_ids_dtype``.
     """
     M, K = x2.shape
     dev = x2.device
@@ -242,7 +244,7 @@ def pregate(x2: torch.Tensor, mode: int, t=None, stride_t: int = 0, scale=None, 
     block = compact_block or (128 if interpreting() else 512)
     nblocks = triton.cdiv(K, block)
     if compact_block:
-        out.update(idx=torch.empty(nblocks * block, dtype=torch.int32, device=dev),
+        out.update(idx=torch.empty(nblocks * block, dtype=ids_dtype, device=dev),
                    cnt=torch.empty(nblocks, dtype=torch.int32, device=dev))
         if invert:
             out.update(idxi=torch.empty_like(out["idx"]), cnti=torch.empty_like(out["cnt"]))
@@ -256,6 +258,18 @@ def pregate(x2: torch.Tensor, mode: int, t=None, stride_t: int = 0, scale=None, 
         num_warps=4,
     )
     return out
+
+
+def compact_ids_dtype(block: int, deep_pipeline: bool) -> torch.dtype:
+    """dtype of the compacted (block-relative, so < ``block``) ids a matmul path reads.
+
+    int16 for the tensor-core loop with 3 or more cp.async stages: it would fetch 4-byte ids in the
+    copy groups of the weight rows they address and, waiting for the ids, drain every copy in flight
+    (0 groups in flight at any depth; int16 ids stay register loads: 1 group at 3 stages, 2 at 4).
+    int32 elsewhere: the one-token loop spends ~7 more instructions per 1k weights sign-extending
+    int16 ids, and the 2-stage tensor-core loop would put the id load's round trip in front of each
+    weight copy.  (bench/sass_count.py, triton 3.6, sm_90.)"""
+    return torch.int16 if deep_pipeline and block <= 2 ** 15 else torch.int32
 
 
 def _check_x(x: torch.Tensor) -> torch.Tensor:

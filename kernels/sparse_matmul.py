@@ -74,7 +74,8 @@ import triton.language as tl
 from . import _autotune
 from ._autotune import interpreting
 from .gating import (
-    _check_scale, _threshold_launch, _threshold_tensor, _topk_launch, apply_mask, pregate, shared_steps, token_mask,
+    _check_scale, _threshold_launch, _threshold_tensor, _topk_launch, apply_mask, compact_ids_dtype, pregate,
+    shared_steps, token_mask,
 )
 
 __all__ = ["sparse_linear", "to_kernel_layout", "DENSE_FALLBACK_TOKENS", "PER_TOKEN_FALLBACK_TOKENS", "MODE_THRESH", "MODE_MASK",
@@ -153,7 +154,8 @@ def _x_gate(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm, 
 
 @triton.jit
 def _active_ids(ids_ptr, r, n_act):
-    """Entries ``r`` of a compacted block's active channel ids (0 from its ``n_act``-th on)."""
+    """Entries ``r`` of a compacted block's active channel ids, relative to the block (0 from its
+    ``n_act``-th on)."""
     return tl.load(ids_ptr + r, mask=r < n_act, other=0).to(tl.int64)
 
 
@@ -252,7 +254,10 @@ def _sparse_mm_kernel(
     # for one memory round trip instead of two dependent ones
     if MODE == 6:  # compacted: loop over this block's active channel ids only
         n_act = tl.load(cc_ptr + pid_k)
-        ids_ptr = gm_ptr + pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K  # this block's compacted ids
+        k_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K
+        ids_ptr = gm_ptr + k_base  # this block's compacted ids, relative to k_base
+        xb_ptr = x_ptr + k_base * stride_xk  # the block's first channel: ids index from here
+        wb_ptr = w_ptr + k_base.to(tl.int64) * stride_wk
         if PREFETCH:
             ids = _active_ids(ids_ptr, tl.arange(0, BLOCK_K), n_act)
         for i in range(0, n_act, BLOCK_K):
@@ -261,8 +266,8 @@ def _sparse_mm_kernel(
             if not PREFETCH:
                 ids = _active_ids(ids_ptr, r, n_act)
             xmask = m_ok[:, None] & valid[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + ids[None, :] * stride_xk, mask=xmask, other=0.0)
-            w = _load_rows(w_ptr, ids, valid, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk, stride_wn,
+            x = tl.load(xb_ptr + offs_m[:, None] * stride_xm + ids[None, :] * stride_xk, mask=xmask, other=0.0)
+            w = _load_rows(wb_ptr, ids, valid, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk, stride_wn,
                            BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
             if PREFETCH:  # offsets as r + BLOCK_K: written as (i + BLOCK_K) + arange, sm_90 code had ~60 more
                 ids = _active_ids(ids_ptr, r + BLOCK_K, n_act)
@@ -457,7 +462,10 @@ def _pregated(x2: torch.Tensor, gargs: dict, invert: bool, cblock: int = 0):
     With ``cblock`` the pass also compacts the active channel ids per block and the kernel loops
     over those only (MODE_COMPACT)."""
     keys = ("mode", "t", "stride_t", "scale", "gm")
-    o = pregate(x2, **{k: gargs[k] for k in keys if k in gargs}, invert=invert, compact_block=cblock)
+    cfg = _autotune.matmul_config(x2.shape[0], 1, 1, x2.dtype, x2.device)
+    ids_dtype = compact_ids_dtype(cblock, cfg.use_dot and cfg.num_stages >= 3)
+    o = pregate(x2, **{k: gargs[k] for k in keys if k in gargs}, invert=invert, compact_block=cblock,
+                ids_dtype=ids_dtype)
     if cblock:
         fwd = (o["xe"], dict(mode=MODE_COMPACT, gm=o["idx"], cc=o["cnt"], cblock=cblock))
         inv = (o["xi"], dict(mode=MODE_COMPACT, gm=o["idxi"], cc=o["cnti"], cblock=cblock)) if invert else None

@@ -321,25 +321,29 @@ def test_device_scripts_fit_one_call(script):
 
 def test_sass_count_compiles_for_sm90():
     """bench/sass_count.py: the kernel compiles for sm_90 without a GPU, and the column-pair read of bf16
-    weights issues fewer K-loop instructions than Triton's own widening, for the same 16-byte loads, and the
-    split-K tail has one GPU-wide fence (the counter's release), not one per element group.  (A subprocess:
-    this session's kernels were built for the interpreter, which cannot compile.)"""
+    weights issues fewer K-loop instructions than Triton's own widening, for the same 16-byte loads, the
+    split-K tail has one GPU-wide fence (the counter's release), not one per element group, and the 3-stage
+    tensor-core loop over compacted ids keeps weight copies in flight while it waits (with 4-byte ids it
+    waited for all of them).  (A subprocess: this session's kernels were built for the interpreter, which
+    cannot compile.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "bench" / "sass_count.py"
-    run = subprocess.run([sys.executable, str(script), "--variants", "default", "pairs"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, str(script), "--variants", "default", "pairs", "m16-compact-3stages"],
+                         env=env, capture_output=True, text=True, timeout=300)
     if run.returncode and re.search(r"ptxas|nvdisasm|cuobjdump", run.stderr):
         pytest.skip(f"this triton build cannot compile for sm_90: {run.stderr[-300:]}")
     assert run.returncode == 0, run.stderr[-2000:]
     rows = {}
     for line in run.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] in ("default", "pairs"):
-            rows[cells[0]] = dict(regs=int(cells[1]), loop=int(cells[4]), ldg128=int(cells[6]), fences=int(cells[7]))
+        if cells[0] in ("default", "pairs", "m16-compact-3stages"):
+            rows[cells[0]] = dict(regs=int(cells[1]), loop=int(cells[4]), ldg128=int(cells[6]), fences=int(cells[7]),
+                                  in_flight=cells[8])
     assert rows["default"]["regs"] > 0 and rows["default"]["loop"] > 0
     assert rows["default"]["ldg128"] == rows["pairs"]["ldg128"] > 0
     assert rows["pairs"]["loop"] < rows["default"]["loop"]
     assert rows["default"]["fences"] == rows["pairs"]["fences"] == 1
+    assert int(rows["m16-compact-3stages"]["in_flight"]) >= 1
 
 
 # --------------------------------------------------------------------------- bench/mlp_limits_study.py

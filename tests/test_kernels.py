@@ -319,6 +319,56 @@ def test_density_picks_the_compacted_loop():
         assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[torch.bfloat16]
 
 
+@pytest.mark.parametrize("block, ids_dtype", [(32, torch.int32), (32, torch.int16), (2 ** 15, torch.int16)])
+def test_compacted_ids(block, ids_dtype):
+    """The gate pass's stream compaction: per block, the active channels' ids relative to the block, in
+    order, and their count (the union over tokens; with ``invert`` the complement's too), in the id dtype
+    the matmul path asks for; int16 holds the ids of the largest block it is used for (2**15 channels)."""
+    from sparse_infer.kernels import gating as G
+    assert G.compact_ids_dtype(2 ** 15, deep_pipeline=True) == torch.int16
+    assert G.compact_ids_dtype(2 ** 16, deep_pipeline=True) == torch.int32
+    assert G.compact_ids_dtype(64, deep_pipeline=False) == torch.int32
+    g = torch.Generator().manual_seed(5)
+    K_ = block + 37 if block < 100 else block  # a partial last block where blocks are small
+    x = rnd(g, 3, K_)
+    mask = (torch.rand(3, K_, generator=g) < 0.2).to(DEVICE)
+    o = G.pregate(x, sm.MODE_MASK, gm=mask.to(torch.int8), invert=True, compact_block=block, ids_dtype=ids_dtype)
+    assert o["idx"].dtype == o["idxi"].dtype == ids_dtype
+    for key, cnt, union in [("idx", "cnt", mask.any(0)), ("idxi", "cnti", (~mask).any(0))]:
+        for blk in range(-(-K_ // block)):
+            want = torch.nonzero(union[blk * block:(blk + 1) * block]).flatten().cpu()
+            n = int(o[cnt][blk])
+            assert n == want.numel()
+            assert torch.equal(o[key][blk * block:blk * block + n].long().cpu(), want)
+
+
+def test_compacted_loop_with_int16_ids(monkeypatch):
+    """The tensor-core loop over compacted ids with 3 cp.async stages reads int16 ids (``compact_ids_dtype``):
+    sparse and rank-aware ops equal the reference with shared and per-token masks, and the ids were int16."""
+    from sparse_infer.kernels import _autotune as at
+    from sparse_infer.kernels import gating as G
+    seen = []
+    real = G.pregate
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        seen.append(out["idx"].dtype)
+        return out
+    monkeypatch.setattr(sm, "pregate", spy)
+    try:
+        at.set_override(16, use_dot=True, pregate=True, compact=True, num_stages=3, BLOCK_M=16)
+        for i, (M, kind, shared) in enumerate([(12, "topk", True), (9, "thresh_scale", False), (16, "thresh", True)]):
+            dtype = DTYPES[i]
+            g, x, w, b = make(M, 77, 53, dtype, seed=20 + i)
+            gate = make_gate(kind, x, 0.6, g, shared)
+            assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[dtype]
+            A, B = ref.lowrank_factors(w.float(), 4, dtype)
+            assert rel_err(K.rsparse_linear(x, w, b, A, B, gate), ref_rsparse(x, w, b, gate.mask(x), A, B)) < TOL[dtype]
+    finally:
+        at.set_override(16)
+    assert seen and set(seen) == {torch.int16}
+
+
 def test_errors():
     g, x, w, b = make(1, 37, 53, torch.float32)
     with pytest.raises(ValueError, match="in_features"):

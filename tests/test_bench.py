@@ -505,3 +505,37 @@ def test_union_study_rejects_bad_batches(capsys):
     with pytest.raises(SystemExit):
         us.main(["--batches", "3", "--sequences", "16"])
     assert "divide" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- shared_split_study
+def test_shared_split_keeps_the_mlp_budget(tiny):
+    """The down_proj sparsity each gate/up split gets keeps the MLP at the budget (what the row's patched
+    model reports), an unreachable split is refused with the range that works, and the model is left dense."""
+    ss = _load("shared_split_study")
+    import sparse_infer as si
+
+    assert abs(ss.split(tiny, 0.5, 0.5) - 0.5) < 1e-9  # a uniform split
+    d = ss.split(tiny, 0.5, 0.4)
+    assert d > 0.5
+    ids = torch.randint(0, tiny.config.vocab_size, (4, 7), generator=torch.Generator().manual_seed(0))
+    rows = ss.run(tiny, ids, 0.5, [0.5, 0.4], [2, 4], progress=False)
+    assert not si.sparse_modules(tiny)
+    assert [r["gate_up"] for r in rows] == [0.5, 0.4] and rows[1]["down"] == d
+    assert all(abs(r["bytes"] - 0.5) < 0.02 for r in rows)  # whole channels per layer
+    assert all(math.isfinite(r[k]) and r[k] > 1 for r in rows for k in ("per_token_b1", "shared_b2", "shared_b4"))
+    assert "| 40% |" in ss.markdown(rows, 10.0, [2, 4])
+    with pytest.raises(ValueError, match="between"):
+        ss.split(tiny, 0.5, 0.9)
+
+
+def test_shared_split_study_main_small(smollm2, tmp_path, capsys):
+    ss = _load("shared_split_study")
+    out = tmp_path / "s.json"
+    rows = ss.main(["--gate-up", "0.5", "0.4", "--batches", "2", "--sequences", "2", "--window", "32", "--out",
+                    str(out)], model=smollm2[0], tokenizer=smollm2[1])
+    saved = json.loads(out.read_text())
+    assert [r["gate_up"] for r in saved["rows"]] == [0.5, 0.4] and saved["dense"] < rows[0]["per_token_b1"]
+    assert "shared, batch 2" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ss.main(["--gate-up", "0.9"], model=smollm2[0], tokenizer=smollm2[1])
+    assert "between" in capsys.readouterr().err

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from typing import List
 
 import torch
-import torch.nn.functional as F
 
 import sparse_infer as si
 from sparse_infer import data as D
+from sparse_infer.evaluate import _select_windows, perplexity
 from sparse_infer.patch import _targets, find_family
 
 HIDDEN = ("gate_proj", "up_proj")  # the linears that read the hidden state; down_proj reads the gated activation
@@ -53,18 +52,6 @@ def split(model, sparsity: float, gate_up: float) -> float:
                          f"{max(0.0, (sparsity * total - sizes['down']) / sizes['hidden']):.2f} and "
                          f"{min(1.0, sparsity * total / sizes['hidden']):.2f}")
     return down
-
-
-@torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch: int) -> float:
-    """exp(mean next-token NLL) over ``windows`` (S, T+1), forwarded ``batch`` sequences at a time."""
-    nll, count = 0.0, 0
-    for i in range(0, len(windows), batch):
-        b = windows[i:i + batch]
-        logits = model(input_ids=b[:, :-1], use_cache=False).logits.float()
-        nll += float(F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten(), reduction="sum"))
-        count += b[:, 1:].numel()
-    return math.exp(nll / count)
 
 
 def run(model, windows: torch.Tensor, sparsity: float, gate_ups: List[float], batches: List[int],
@@ -128,8 +115,6 @@ def main(argv=None, model=None, tokenizer=None) -> List[dict]:
             split(model, args.sparsity, a)
         except ValueError as e:
             p.error(str(e))
-    from sparse_infer.evaluate import _select_windows
-
     eval_ids, _, _ = D.split_tokens(D.tokenize(D.load_text(args.text_file).text, tokenizer))
     windows = torch.stack(_select_windows(eval_ids, args.window + 1, args.sequences))
     t = time.time()

@@ -252,9 +252,9 @@ def _sparse_mm_kernel(
     # PREFETCH: the loads that decide which rows to read (x and its gate, or the next active ids) are
     # issued one block ahead, while this block's weight rows are in flight, so each iteration waits
     # for one memory round trip instead of two dependent ones
+    k_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K  # this split's first channel
     if MODE == 6:  # compacted: loop over this block's active channel ids only
         n_act = tl.load(cc_ptr + pid_k)
-        k_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K
         ids_ptr = gm_ptr + k_base  # this block's compacted ids, relative to k_base
         xb_ptr = x_ptr + k_base * stride_xk  # the block's first channel: ids index from here
         wb_ptr = w_ptr + k_base.to(tl.int64) * stride_wk
@@ -273,7 +273,6 @@ def _sparse_mm_kernel(
                 ids = _active_ids(ids_ptr, r + BLOCK_K, n_act)
             acc = _accumulate(acc, x, x.to(tl.float32), xmask, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
     else:
-        k_base = pid_k * K_BLOCKS_PER_SPLIT * BLOCK_K
         k_end = tl.minimum(K, k_base + K_BLOCKS_PER_SPLIT * BLOCK_K)  # this split's channels
         if PREFETCH:
             x, xf, keep, any_k = _x_gate(x_ptr, k_base, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm,
@@ -462,10 +461,11 @@ def _pregated(x2: torch.Tensor, gargs: dict, invert: bool, cblock: int = 0):
     With ``cblock`` the pass also compacts the active channel ids per block and the kernel loops
     over those only (MODE_COMPACT)."""
     keys = ("mode", "t", "stride_t", "scale", "gm")
-    cfg = _autotune.matmul_config(x2.shape[0], 1, 1, x2.dtype, x2.device)
-    ids_dtype = compact_ids_dtype(cblock, cfg.use_dot and cfg.num_stages >= 3)
-    o = pregate(x2, **{k: gargs[k] for k in keys if k in gargs}, invert=invert, compact_block=cblock,
-                ids_dtype=ids_dtype)
+    kw = {k: gargs[k] for k in keys if k in gargs}
+    if cblock:
+        cfg = _autotune.matmul_config(x2.shape[0], 1, 1, x2.dtype, x2.device)
+        kw.update(compact_block=cblock, ids_dtype=compact_ids_dtype(cblock, cfg.use_dot and cfg.num_stages >= 3))
+    o = pregate(x2, **kw, invert=invert)
     if cblock:
         fwd = (o["xe"], dict(mode=MODE_COMPACT, gm=o["idx"], cc=o["cnt"], cblock=cblock))
         inv = (o["xi"], dict(mode=MODE_COMPACT, gm=o["idxi"], cc=o["cnti"], cblock=cblock)) if invert else None

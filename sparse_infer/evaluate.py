@@ -200,13 +200,16 @@ class _Acc:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: Iterable[torch.Tensor]) -> float:
-    """exp(mean next-token NLL) of ``model`` over independent 1-D token windows (batch 1, no cache)."""
+def perplexity(model: nn.Module, windows: Iterable[torch.Tensor], batch: int = 1) -> float:
+    """exp(mean next-token NLL) of ``model`` over independent 1-D token windows, forwarded ``batch`` at a time
+    (equal lengths where ``batch`` > 1; no cache)."""
+    windows = list(windows)
     nll, count = 0.0, 0
-    for w in windows:
-        logits = model(w.unsqueeze(0)[:, :-1]).logits[0].float()
-        nll += float(F.cross_entropy(logits, w[1:].to(logits.device), reduction="sum"))
-        count += len(w) - 1
+    for i in range(0, len(windows), batch):
+        b = torch.stack(windows[i:i + batch])
+        logits = model(b[:, :-1]).logits.float()
+        nll += float(F.cross_entropy(logits.flatten(0, 1), b[:, 1:].flatten().to(logits.device), reduction="sum"))
+        count += b[:, 1:].numel()
     return math.exp(nll / count)
 
 

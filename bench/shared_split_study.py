@@ -10,6 +10,13 @@ evaluation part of the stream), as unrelated as a server's requests.
 
     python bench/shared_split_study.py                                 # 50 %, gate/up at 50/40/30 %
     python bench/shared_split_study.py --sparsity 0.3 --gate-up 0.3 0.2 0.1 --out split.json
+    python bench/shared_split_study.py --gate-up 0.5 --calibrated greedy search   # + the splits calibration picks
+
+``--calibrated`` adds one row per allocation that calibration spreads over the layers
+(``SparsityConfig(method="topk", allocation=...)``, on windows of the calibration tail, which
+the evaluation never reads), served with per-token and with shared masks: does calibration
+find the split by itself?  Its gate/up and down columns are the byte-weighted mean sparsity
+it gave each kind of projection.
 
 A split is set with ``SparsityConfig.overrides`` (top-k, reference path), so a user can apply the
 split this study picks:
@@ -79,12 +86,56 @@ def run(model, windows: torch.Tensor, sparsity: float, gate_ups: List[float], ba
     return rows
 
 
+def _by_kind(model, cal) -> dict:
+    """Byte-weighted mean sparsity a calibration gave the hidden-state readers and down_proj."""
+    acc = {"hidden": [0.0, 0.0], "down": [0.0, 0.0]}
+    for name, entry in cal.layers.items():
+        n = model.get_submodule(name).weight.numel()
+        a = acc["hidden" if name.rsplit(".", 1)[-1] in HIDDEN else "down"]
+        a[0] += n * float(entry["sparsity"])
+        a[1] += n
+    return {k: v[0] / v[1] for k, v in acc.items()}
+
+
+def calibrated(model, windows: torch.Tensor, sparsity: float, calib: List[torch.Tensor], batches: List[int],
+               allocations: List[str], iterations: int = 8, seed: int = 0, progress: bool = True) -> List[dict]:
+    """Rows whose split a calibration chose (top-k, one calibration per allocation, seeded; the
+    search is bounded by candidates only, so the rows are reproducible).  Calibration scores
+    its candidates one sequence at a time, so it tunes for per-token masks."""
+    rows = []
+    stats = None
+    for alloc in allocations:
+        cfg = si.SparsityConfig(method="topk", sparsity=sparsity, allocation=alloc, backend="reference", seed=seed)
+        t = time.time()
+        torch.manual_seed(seed)
+        cal = si.calibrate(model, stats or calib, cfg, progress=progress, iterations=iterations, time_budget_s=1e9)
+        stats = cal.stats  # one dense pass serves every allocation
+        kinds = _by_kind(model, cal)
+        row = dict(sparsity=sparsity, gate_up=kinds["hidden"], down=kinds["down"], allocation=alloc,
+                   calib_seconds=round(time.time() - t, 1))
+        for mode, bs in [("per_token", [1]), ("shared", batches)]:
+            si.sparsify(model, cfg.replace(mode=mode), calibration=cal, progress=False)
+            try:
+                row["bytes"] = si.model_sparsity(model)
+                for b in bs:
+                    row[f"{mode}_b{b}"] = perplexity(model, windows, b)
+                    if progress:
+                        print(f"  {alloc} (calibrated, gate/up {kinds['hidden']:.1%}, down {kinds['down']:.1%}): "
+                              f"{mode} batch {b}: ppl {row[f'{mode}_b{b}']:.2f}", flush=True)
+            finally:
+                si.unsparsify(model)
+        rows.append(row)
+    return rows
+
+
 def markdown(rows: List[dict], dense: float, batches: List[int]) -> str:
     head = "| gate/up sparsity | down sparsity | MLP sparsity | per-token, batch 1 | " + \
         " | ".join(f"shared, batch {b}" for b in batches) + " |"
     lines = [head, "|" + "---:|" * (4 + len(batches)), f"| dense | | 0 % | {dense:.2f} |" + " |" * len(batches)]
     for r in rows:
-        lines.append(f"| {r['gate_up']:.0%} | {r['down']:.0%} | {r['bytes']:.1%} | {r['per_token_b1']:.2f} | " +
+        split = f"{r['gate_up']:.0%} | {r['down']:.0%}" if "allocation" not in r else \
+            f"{r['allocation']}: {r['gate_up']:.1%} | {r['down']:.1%}"
+        lines.append(f"| {split} | {r['bytes']:.1%} | {r['per_token_b1']:.2f} | " +
                      " | ".join(f"{r[f'shared_b{b}']:.2f}" for b in batches) + " |")
     return "\n".join(lines) + "\n"
 
@@ -99,7 +150,12 @@ def main(argv=None, model=None, tokenizer=None) -> List[dict]:
     p.add_argument("--batches", type=int, nargs="+", default=[4, 16], help="batch sizes of the shared rows")
     p.add_argument("--sequences", type=int, default=16, help="windows (a multiple of every batch size)")
     p.add_argument("--window", type=int, default=256)
+    p.add_argument("--calibrated", nargs="*", default=[], choices=("uniform", "greedy", "search"),
+                   help="also rows whose split a shared-mode calibration with this allocation chose")
+    p.add_argument("--calib-windows", type=int, default=4, help="calibration windows of 512 tokens (held-out tail)")
+    p.add_argument("--search-iterations", type=int, default=8, help="candidates of the calibrated search")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or per-row lines")
     args = p.parse_args(argv)
     if not 0.0 <= args.sparsity < 1.0:
         p.error(f"--sparsity must lie in [0, 1), got {args.sparsity}")
@@ -115,11 +171,16 @@ def main(argv=None, model=None, tokenizer=None) -> List[dict]:
             split(model, args.sparsity, a)
         except ValueError as e:
             p.error(str(e))
-    eval_ids, _, _ = D.split_tokens(D.tokenize(D.load_text(args.text_file).text, tokenizer))
+    eval_ids, calib_ids, _ = D.split_tokens(D.tokenize(D.load_text(args.text_file).text, tokenizer))
     windows = torch.stack(_select_windows(eval_ids, args.window + 1, args.sequences))
     t = time.time()
     dense = perplexity(model, windows, max(args.batches))
-    rows = run(model, windows, args.sparsity, args.gate_up, args.batches)
+    progress = not args.no_progress
+    rows = run(model, windows, args.sparsity, args.gate_up, args.batches, progress=progress)
+    if args.calibrated:
+        calib = D.windows(calib_ids, 512, args.calib_windows)
+        rows += calibrated(model, windows, args.sparsity, calib, args.batches, args.calibrated,
+                           iterations=args.search_iterations, progress=progress)
     print(markdown(rows, dense, args.batches))
     print(f"{args.sequences} windows of {args.window} scored tokens, top-k masks, reference path, "
           f"{time.time() - t:.0f} s", flush=True)

@@ -528,14 +528,35 @@ def test_shared_split_keeps_the_mlp_budget(tiny):
         ss.split(tiny, 0.5, 0.9)
 
 
+def test_shared_split_calibrated_rows_keep_the_budget(tiny):
+    """A split picked by calibration: its per-kind sparsities average to the budget, the patched model
+    reads the budget with per-token and shared masks, and the model is left dense."""
+    ss = _load("shared_split_study")
+    import sparse_infer as si
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, tiny.config.vocab_size, (4, 9), generator=g)
+    calib = [torch.randint(0, tiny.config.vocab_size, (48,), generator=g) for _ in range(4)]
+    rows = ss.calibrated(tiny, ids, 0.5, calib, [2, 4], ["greedy"], iterations=2, progress=False)
+    assert not si.sparse_modules(tiny)
+    (r,) = rows
+    hidden = sum(m.weight.numel() for n, m in tiny.named_modules() if n.endswith(ss.HIDDEN))
+    down = sum(m.weight.numel() for n, m in tiny.named_modules() if n.endswith("down_proj"))
+    assert abs((r["gate_up"] * hidden + r["down"] * down) / (hidden + down) - 0.5) < 1e-6
+    assert abs(r["bytes"] - 0.5) < 0.02 and r["allocation"] == "greedy"
+    assert all(math.isfinite(r[k]) for k in ("per_token_b1", "shared_b2", "shared_b4"))
+    assert "| greedy: " in ss.markdown(rows, 10.0, [2, 4])
+
+
 def test_shared_split_study_main_small(smollm2, tmp_path, capsys):
     ss = _load("shared_split_study")
     out = tmp_path / "s.json"
     rows = ss.main(["--gate-up", "0.5", "0.4", "--batches", "2", "--sequences", "2", "--window", "32", "--out",
-                    str(out)], model=smollm2[0], tokenizer=smollm2[1])
+                    str(out), "--no-progress"], model=smollm2[0], tokenizer=smollm2[1])
     saved = json.loads(out.read_text())
     assert [r["gate_up"] for r in saved["rows"]] == [0.5, 0.4] and saved["dense"] < rows[0]["per_token_b1"]
-    assert "shared, batch 2" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "shared, batch 2" in printed and "gate/up 50%, down" not in printed  # --no-progress: the table only
     with pytest.raises(SystemExit):
         ss.main(["--gate-up", "0.9"], model=smollm2[0], tokenizer=smollm2[1])
     assert "between" in capsys.readouterr().err

@@ -61,6 +61,25 @@ def split(model, sparsity: float, gate_up: float) -> float:
     return down
 
 
+def _serve(model, config, calibration, windows: torch.Tensor, batches: List[int], row: dict, label: str,
+           progress: bool) -> dict:
+    """Fill ``row`` with the perplexity of ``config`` with per-token masks at batch 1 and shared masks at
+    each batch size (its mode replaced), and the model-level sparsity; the model is left dense."""
+    for mode, bs in [("per_token", [1]), ("shared", batches)]:
+        si.sparsify(model, config.replace(mode=mode), calibration=calibration, progress=False)
+        try:
+            row["bytes"] = si.model_sparsity(model)
+            for b in bs:
+                t = time.time()
+                row[f"{mode}_b{b}"] = perplexity(model, windows, b)
+                if progress:
+                    print(f"  {label}: {mode} batch {b}: ppl {row[f'{mode}_b{b}']:.2f} ({time.time() - t:.0f} s)",
+                          flush=True)
+        finally:
+            si.unsparsify(model)
+    return row
+
+
 def run(model, windows: torch.Tensor, sparsity: float, gate_ups: List[float], batches: List[int],
         progress: bool = True) -> List[dict]:
     rows = []
@@ -68,21 +87,9 @@ def run(model, windows: torch.Tensor, sparsity: float, gate_ups: List[float], ba
         d = split(model, sparsity, a)
         over = {f"*{n}": {"sparsity": a} for n in HIDDEN}
         over["*down_proj"] = {"sparsity": d}
-        row = dict(sparsity=sparsity, gate_up=a, down=d)
-        for mode, bs in [("per_token", [1]), ("shared", batches)]:
-            cfg = si.SparsityConfig(method="topk", sparsity=sparsity, mode=mode, backend="reference", overrides=over)
-            si.sparsify(model, cfg, progress=False)
-            try:
-                row["bytes"] = si.model_sparsity(model)
-                for b in bs:
-                    t = time.time()
-                    row[f"{mode}_b{b}"] = perplexity(model, windows, b)
-                    if progress:
-                        print(f"  gate/up {a:.0%}, down {d:.1%}: {mode} batch {b}: ppl {row[f'{mode}_b{b}']:.2f} "
-                              f"({time.time() - t:.0f} s)", flush=True)
-            finally:
-                si.unsparsify(model)
-        rows.append(row)
+        cfg = si.SparsityConfig(method="topk", sparsity=sparsity, backend="reference", overrides=over)
+        rows.append(_serve(model, cfg, None, windows, batches, dict(sparsity=sparsity, gate_up=a, down=d),
+                           f"gate/up {a:.0%}, down {d:.1%}", progress))
     return rows
 
 
@@ -113,17 +120,8 @@ def calibrated(model, windows: torch.Tensor, sparsity: float, calib: List[torch.
         kinds = _by_kind(model, cal)
         row = dict(sparsity=sparsity, gate_up=kinds["hidden"], down=kinds["down"], allocation=alloc,
                    calib_seconds=round(time.time() - t, 1))
-        for mode, bs in [("per_token", [1]), ("shared", batches)]:
-            si.sparsify(model, cfg.replace(mode=mode), calibration=cal, progress=False)
-            try:
-                row["bytes"] = si.model_sparsity(model)
-                for b in bs:
-                    row[f"{mode}_b{b}"] = perplexity(model, windows, b)
-                    if progress:
-                        print(f"  {alloc} (calibrated, gate/up {kinds['hidden']:.1%}, down {kinds['down']:.1%}): "
-                              f"{mode} batch {b}: ppl {row[f'{mode}_b{b}']:.2f}", flush=True)
-            finally:
-                si.unsparsify(model)
+        label = f"{alloc} (calibrated, gate/up {kinds['hidden']:.1%}, down {kinds['down']:.1%})"
+        _serve(model, cfg, cal, windows, batches, row, label, progress)
         rows.append(row)
     return rows
 

@@ -58,23 +58,27 @@ def compile_variant(options: dict, consts: dict, N: int = 14336, K: int = 4096):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    import torch
+
     from sparse_infer.kernels import sparse_matmul as sm
+    from sparse_infer.kernels.gating import compact_ids_dtype
 
     const = dict(MODE=0, INVERT=False, HAS_SCALE=False, HAS_BIAS=False, LOWRANK=False, BLOCK_M=1, BLOCK_N=128,
                  BLOCK_K=64, SPLIT_K=9, USE_DOT=False, DOT_NATIVE=False, ACC_2D=False, EVEN_N=N % 128 == 0,
                  BF16_PAIRS=False, PREFETCH=False)
     const.update(consts)
     R = 320 if const["LOWRANK"] else 0
+    k_blocks = 7  # K blocks per split (ints below): the compaction block is one split's channels
+    ids = compact_ids_dtype(k_blocks * const["BLOCK_K"], const["USE_DOT"] and options.get("num_stages", 1) >= 3)
     ptr = {"x_ptr": "bf16", "w_ptr": "bf16", "y_ptr": "bf16", "b_ptr": "bf16", "t_ptr": "fp32", "s_ptr": "fp32",
-           # compacted ids: int16 for the tensor-core loop with >= 3 stages, else int32 (gating.compact_ids_dtype)
-           "gm_ptr": ("i16" if const["USE_DOT"] and options.get("num_stages", 1) >= 3 else "i32")
-           if const["MODE"] == 6 else "i8",
+           # compacted ids in the dtype the launcher picks for this loop
+           "gm_ptr": {torch.int16: "i16", torch.int32: "i32"}[ids] if const["MODE"] == 6 else "i8",
            "cc_ptr": "i32", "z_ptr": "fp32", "lb_ptr": "bf16",
            "ws_ptr": "fp32", "cnt_ptr": "i32"}
     # column-major W (stride_wn = 1, stride_wk = N); x, y, z (M, R) and B (R, N) contiguous
     ints = dict(M=const["BLOCK_M"], N=N, K=K, R=R, stride_xm=K, stride_xk=1, stride_wk=N, stride_wn=1,
                 stride_ym=N, stride_yn=1, stride_t=0, stride_gm=0, stride_gk=1, stride_zm=R, stride_zr=1,
-                stride_br=N, stride_bn=1, K_BLOCKS_PER_SPLIT=7, R_BLOCKS_PER_SPLIT=1)
+                stride_br=N, stride_bn=1, K_BLOCKS_PER_SPLIT=k_blocks, R_BLOCKS_PER_SPLIT=1)
     kern = sm._sparse_mm_kernel
     sig, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kern.arg_names):

@@ -191,7 +191,7 @@ def _stats_key(config: SparsityConfig) -> tuple:
     return (config.targets, config.method == "gate", per_channel, per_channel and config.use_importance)
 
 
-def _iter_batches(data, tokenizer, seq_len: int):
+def _iter_batches(data, tokenizer, seq_len: int, vocab_size: Optional[int] = None):
     """Token-id batches (2-D long tensors) from tensors, lists of ids or strings (with a tokenizer)."""
     if isinstance(data, (str, torch.Tensor)):
         data = [data]
@@ -211,6 +211,11 @@ def _iter_batches(data, tokenizer, seq_len: int):
             t = t.unsqueeze(0)
         if t.dim() != 2:
             raise ValueError(f"a calibration sample must be 1-D (seq,) or 2-D (batch, seq) token ids, got shape {tuple(t.shape)}")
+        if t.numel() and vocab_size is not None and not 0 <= int(t.min()) <= int(t.max()) < vocab_size:
+            raise ValueError(
+                f"calibration token ids must lie in [0, {vocab_size}) (the model's vocabulary), got "
+                f"[{int(t.min())}, {int(t.max())}]: tokenize with this model's tokenizer"
+            )
         if t.numel():
             yield t.long()
 
@@ -341,7 +346,7 @@ def collect_stats(model: nn.Module, data, config: SparsityConfig, *, tokenizer=N
     refine_kept = 0
     try:
         total = len(data) if hasattr(data, "__len__") and not isinstance(data, (str, torch.Tensor)) else None
-        bar = tqdm(_iter_batches(data, tokenizer, seq_len), total=total, desc="calibration pass", disable=not progress)
+        bar = tqdm(_iter_batches(data, tokenizer, seq_len, getattr(model.get_input_embeddings(), "num_embeddings", None)), total=total, desc="calibration pass", disable=not progress)
         for batch in bar:
             n = batch.numel()
             keys = torch.rand(n, generator=gen)

@@ -112,11 +112,21 @@ class SparsityConfig:
             or self.dense_prefill_above < 1
         ):
             raise ValueError(f"dense_prefill_above must be None or a positive token count, got {self.dense_prefill_above!r}")
-        if not 0.0 <= self.rank_fraction < 1.0:
-            raise ValueError(f"rank_fraction must lie in [0, 1), got {self.rank_fraction}")
+        if isinstance(self.rank_fraction, bool) or not isinstance(self.rank_fraction, (int, float)) or not 0.0 <= self.rank_fraction < 1.0:
+            raise ValueError(f"rank_fraction must be a number in [0, 1), got {self.rank_fraction!r}")
+        for name, allowed in (("importance", (bool, type(None))), ("per_channel", (bool,))):
+            value = getattr(self, name)
+            if not isinstance(value, allowed):  # a string such as "false" would otherwise read as True
+                raise TypeError(f"{name} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
+        for name in ("seed", "version"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {value!r}")
         if not isinstance(self.overrides, dict):
             raise TypeError(f"overrides must be a dict {{pattern: {{'sparsity': ..., 'rank': ...}}}}, got {type(self.overrides).__name__}")
         for pattern, spec in self.overrides.items():
+            if not isinstance(pattern, str):  # JSON would turn it into a string, and fnmatch needs one
+                raise TypeError(f"overrides keys are fnmatch patterns over module names (str), got {pattern!r}")
             if not isinstance(spec, dict):
                 raise TypeError(f"overrides[{pattern!r}] must be a dict, got {spec!r}")
             unknown = set(spec) - {"sparsity", "rank"}
@@ -124,7 +134,9 @@ class SparsityConfig:
                 raise ValueError(f"overrides[{pattern!r}] has unknown keys {sorted(unknown)}; allowed: 'sparsity', 'rank'")
             if "sparsity" in spec:
                 _check_sparsity(spec["sparsity"], f"overrides[{pattern!r}]")
-            if "rank" in spec and (not isinstance(spec["rank"], int) or spec["rank"] < 0):
+            if "rank" in spec and self.method != "rsparse":
+                raise ValueError(f"overrides[{pattern!r}]: 'rank' applies to method 'rsparse' only, not {self.method!r}")
+            if "rank" in spec and (isinstance(spec["rank"], bool) or not isinstance(spec["rank"], int) or spec["rank"] < 0):
                 raise ValueError(f"overrides[{pattern!r}]: rank must be a non-negative int, got {spec['rank']!r}")
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this sparse-infer reads version {CONFIG_VERSION})")

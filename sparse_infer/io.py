@@ -311,8 +311,10 @@ def load_sparsity(model: nn.Module, path) -> nn.Module:
         raise ValueError(f"this model is sparsified on other layers than {path} describes; unsparsify it first")
     for name, m in mods.items():
         info, entry = doc["layers"][name], layers[name]
-        if type(m).__name__ != info.get("class") or m.k != info.get("k") or int(getattr(m, "rank", 0) or 0) != int(info.get("rank") or 0):
-            raise ValueError(f"{name} is patched differently from {path} (module, k or rank); unsparsify the model and load again")
+        if (type(m).__name__ != info.get("class") or m.k != info.get("k") or int(getattr(m, "rank", 0) or 0) != int(info.get("rank") or 0)
+                or m.shared != (config.mode == "shared") or m.dense_prefill_above != config.dense_prefill_above):
+            raise ValueError(f"{name} is patched differently from {path} (module, k, rank, mode or dense_prefill_above); "
+                             "unsparsify the model and load again")
         t = entry.get("threshold")
         if (t is None) != (m.threshold is None) or (t is not None and not torch.equal(t.float(), m.threshold.float().cpu())):
             raise ValueError(f"{name} has other thresholds than {path}; unsparsify the model and load again")

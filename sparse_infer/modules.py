@@ -16,6 +16,7 @@ row, at no extra memory.  ``to_linear()`` restores the row-major layout.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -157,6 +158,14 @@ class SparseLinear(_GatedBase):
             backend=backend, dense_prefill_above=dense_prefill_above, device=linear.weight.device,
         )
         object.__setattr__(self, "_original", linear)  # hidden from state_dict and children()
+        # weights loaded into the patched model (fine-tuned ones, say) must not run with the
+        # importance scale and low-rank factor of the weights it was patched with
+        self.register_load_state_dict_post_hook(lambda module, _incompatible: module._refit_to_weight())
+
+    def _refit_to_weight(self) -> None:
+        """Recompute what is a function of the weight alone (the importance scale) after a load."""
+        if self.scale is not None:
+            self.scale = ref.column_norms(self.weight).float().to(self.weight.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kw) -> "SparseLinear":
@@ -165,6 +174,8 @@ class SparseLinear(_GatedBase):
     def to_linear(self) -> nn.Linear:
         """The original `nn.Linear` (the same object), with its weight back in row-major layout."""
         _to_row_major(self.weight)
+        # `load_state_dict(..., assign=True)` may have put new Parameters on this module
+        self._original.weight, self._original.bias = self.weight, self.bias
         return self._original
 
     @property
@@ -190,7 +201,7 @@ class SparseLinear(_GatedBase):
             self._record(None, tokens, dense=True)
             return F.linear(x, self.weight, self.bias)
         gate = self.gate()
-        if ops.resolve_backend(self.backend, x) == "triton" and not ops.shared_prefill(x, gate):
+        if ops.use_kernels(self.backend, x, gate, self.weight, self.bias):
             _to_kernel_layout(self.weight)
             return self._kernel_forward(x, gate)
         mask = gate.mask(x)
@@ -216,7 +227,10 @@ class RSparseLinear(SparseLinear):
             raise ValueError(
                 f"rank={rank} is outside [0, min(in, out)={limit}] for a {self.out_features}x{self.in_features} layer"
             )
-        if A is None or B is None:
+        # SVD factors are refitted when new weights are loaded; given ones may be fitted to
+        # activations (`lowrank="activation"`): the planner says which through this flag
+        self.svd_factors = A is None or B is None
+        if self.svd_factors:
             A, B = ref.lowrank_factors(linear.weight, rank)
         if tuple(A.shape) != (self.in_features, rank) or tuple(B.shape) != (rank, self.out_features):
             raise ValueError(
@@ -226,6 +240,20 @@ class RSparseLinear(SparseLinear):
         dev, dt = linear.weight.device, linear.weight.dtype
         self.register_buffer("A", A.detach().to(dev, dt).contiguous(), persistent=False)
         self.register_buffer("B", B.detach().to(dev, dt).contiguous(), persistent=False)
+
+    def _refit_to_weight(self) -> None:
+        super()._refit_to_weight()
+        if not self.rank:
+            return
+        if self.svd_factors:
+            A, B = ref.lowrank_factors(self.weight, self.rank)
+            self.A, self.B = A.detach().to(self.A).contiguous(), B.detach().to(self.B).contiguous()
+        else:
+            warnings.warn(
+                "weights were loaded into an RSparseLinear whose low-rank factor was fitted to calibration "
+                "activations of the previous weights; calibrate again (sparse_infer.sparsify on the dense model)",
+                stacklevel=3,
+            )
 
     @property
     def rank(self) -> int:
@@ -324,7 +352,8 @@ class SparseGatedMLP(_GatedBase):
             self._record(None, tokens, dense=True)
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         gate = self.gate()
-        if ops.resolve_backend(self.backend, x) == "triton" and self.act_name is not None and not ops.shared_prefill(x, gate):
+        projections = ops.linear_params(self.gate_proj, self.up_proj, self.down_proj)
+        if self.act_name is not None and ops.use_kernels(self.backend, x, gate, *projections):
             _to_kernel_layout(self.down_proj.weight)
             return ops.gated_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act_fn, self.act_name, gate, "triton")
         recorded = {}

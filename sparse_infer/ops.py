@@ -13,6 +13,7 @@ by all tokens of the call.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -75,6 +76,30 @@ def shared_prefill(x: torch.Tensor, gate: Gate) -> bool:
     return gate.shared and x.dim() >= 3 and x.shape[-2] > 1
 
 
+def needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def linear_params(*linears) -> tuple:
+    """The weights and biases of some linears, for `use_kernels`' gradient check."""
+    return tuple(t for m in linears for t in (m.weight, m.bias))
+
+
+def use_kernels(backend: str, x: torch.Tensor, gate: Gate, *params) -> bool:
+    """Whether a call runs the Triton kernels: the backend resolves to them, they serve the call's
+    shape, and no gradient is asked for (the kernels have no backward; the reference path does)."""
+    if resolve_backend(backend, x) != "triton" or shared_prefill(x, gate):
+        return False
+    if needs_grad(x, *params):
+        warnings.warn(
+            "the sparse-infer Triton kernels are inference-only (no backward): a call that needs gradients "
+            "runs the PyTorch reference path instead; wrap inference in torch.no_grad() or torch.inference_mode()",
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
@@ -102,14 +127,14 @@ def _kernels():
 
 def sparse_linear(x, weight, bias, gate: Gate, backend: str = "auto") -> torch.Tensor:
     """``F.linear(x * mask, W, b)`` with the mask given by ``gate``."""
-    if resolve_backend(backend, x) == "triton" and not shared_prefill(x, gate):
+    if use_kernels(backend, x, gate, weight, bias):
         return _kernels().sparse_linear(x, weight, bias, gate)
     return ref.sparse_linear(x, weight, bias, gate.mask(x))
 
 
 def rsparse_linear(x, weight, bias, A, B, gate: Gate, backend: str = "auto") -> torch.Tensor:
     """Rank-aware linear: active channels through ``W``, the rest through ``A @ B``."""
-    if resolve_backend(backend, x) == "triton" and not shared_prefill(x, gate):
+    if use_kernels(backend, x, gate, weight, bias, A, B):
         return _kernels().rsparse_linear(x, weight, bias, A, B, gate)
     return ref.rsparse_linear(x, weight, bias, gate.mask(x), A, B)
 
@@ -124,9 +149,8 @@ def gated_mlp(
     tokens than the kernel serves faster than cuBLAS, run the reference.
     """
     if (
-        resolve_backend(backend, x) == "triton"
-        and act_name is not None
-        and not shared_prefill(x, gate)
+        act_name is not None
+        and use_kernels(backend, x, gate, *linear_params(gate_proj, up_proj, down_proj))
         and x.numel() // x.shape[-1] <= _kernels().GATED_MLP_FALLBACK_TOKENS
     ):
         return _kernels().gated_mlp(

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from . import ops
 from . import reference as ref
 from .config import SparsityConfig
 from .modules import RSparseLinear, SparseGatedMLP, SparseLinear, k_for_density
@@ -96,14 +97,22 @@ def find_family(model: nn.Module) -> Family:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     layers = decoder_layers(model)
     family = next((f for f in FAMILIES if model_type in f.model_types), None)
+    why = ""
     if layers is not None:
         fam = family or GENERIC
-        layer = layers[0]
-        mlp_ok = _has_linears(layer, fam.mlp_attr, fam.mlp_linears) or isinstance(getattr(layer, fam.mlp_attr, None), SparseGatedMLP)
-        if mlp_ok and _has_linears(layer, fam.attn_attr, fam.attn_linears):
+        for i, layer in enumerate(layers):  # every layer: mixed dense/MoE decoders differ after the first
+            mlp = getattr(layer, fam.mlp_attr, None)
+            if not (_has_linears(layer, fam.mlp_attr, fam.mlp_linears) or isinstance(mlp, SparseGatedMLP)):
+                why = f" (layer {i}: its {fam.mlp_attr} is a {type(mlp).__name__}, not {'/'.join(fam.mlp_linears)} linears)"
+                break
+            if not _has_linears(layer, fam.attn_attr, fam.attn_linears):
+                attn = type(getattr(layer, fam.attn_attr, None)).__name__
+                why = f" (layer {i}: its {fam.attn_attr} is a {attn}, not {'/'.join(fam.attn_linears)} linears)"
+                break
+        else:
             return fam
     raise ValueError(
-        f"{type(model).__name__} (model_type={model_type!r}) is not supported by sparse-infer: "
+        f"{type(model).__name__} (model_type={model_type!r}) is not supported by sparse-infer{why}: "
         f"supported are {supported_families()}."
     )
 
@@ -156,18 +165,50 @@ def _layer_setting(name: str, key: str, default, calibration, config: SparsityCo
     return value
 
 
+def _check_calibrated(name: str, calib: dict, width: int, out_f: Optional[int]) -> None:
+    """A calibration's tensors must fit the layer they are for (one made on another model may not)."""
+    t = calib.get("threshold")
+    if t is not None and torch.as_tensor(t).numel() not in (1, width):
+        raise ValueError(
+            f"{name}: the calibration's threshold has {torch.as_tensor(t).numel()} values for a layer of "
+            f"{width} gated channels: it was made for another model; calibrate this one"
+        )
+    A, B = calib.get("A"), calib.get("B")
+    if A is not None and (A.dim() != 2 or A.shape[0] != width or B is None or tuple(B.shape) != (A.shape[1], out_f)):
+        raise ValueError(
+            f"{name}: the calibration's low-rank factors are A {tuple(A.shape)}, B {None if B is None else tuple(B.shape)} "
+            f"for a {out_f}x{width} layer: they were made for another model; calibrate this one"
+        )
+
+
 def plan_layers(model: nn.Module, config: SparsityConfig, calibration=None, family: Optional[Family] = None) -> List[LayerPlan]:
     """Decide k / threshold / rank for every target module, validating all of it; replaces nothing."""
     family = family or find_family(model)
+    targets = _targets(model, family, config)
+    names = [t[0] for t in targets]
+    for pattern in config.overrides:  # a typo in a pattern would otherwise change nothing, silently
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ValueError(
+                f"overrides pattern {pattern!r} matches none of the {len(names)} modules targets={config.targets!r} "
+                f"patches (e.g. {names[0]!r}); fix the pattern or the targets"
+            )
+    cal_layers = getattr(calibration, "layers", None) or {}
+    foreign = sorted(set(cal_layers) - set(names))
+    if foreign:
+        raise ValueError(
+            f"the calibration holds layers this model does not patch with targets={config.targets!r}, "
+            f"method={config.method!r} (e.g. {foreign[:3]}): it was made for another model or config; calibrate this one"
+        )
     plans = []
-    for name, _parent, _attr, module, kind in _targets(model, family, config):
+    for name, _parent, _attr, module, kind in targets:
         s = float(_layer_setting(name, "sparsity", config.sparsity, calibration, config))
         if not 0.0 <= s < 1.0:
             raise ValueError(f"{name}: sparsity must lie in [0, 1), got {s}")
-        calib = (getattr(calibration, "layers", None) or {}).get(name, {})
+        calib = cal_layers.get(name, {})
         if kind == "mlp":
             g = getattr(module, family.mlp_linears[0])
             width = g.out_features
+            _check_calibrated(name, calib, width, None)
             method = "gate"
             # over gate+up+down, reading all of gate and a density d of up/down: (1 + 2d)/3 = 1 - s
             density = 1.0 - 1.5 * s
@@ -182,6 +223,7 @@ def plan_layers(model: nn.Module, config: SparsityConfig, calibration=None, fami
             continue
 
         in_f, out_f = module.in_features, module.out_features
+        _check_calibrated(name, calib, in_f, out_f)
         method = "topk" if (config.method == "gate") else config.method  # gate: attention linears use top-k
         plan = LayerPlan(name, kind, method, in_f, sparsity=s)
         budget = (1.0 - s) * in_f * out_f  # weight elements read per token
@@ -232,11 +274,44 @@ def _build(plan: LayerPlan, module: nn.Module, config: SparsityConfig, family: F
         new.target_density = 1.0 - 1.5 * plan.sparsity
     elif plan.method == "rsparse":
         new = RSparseLinear(module, rank=plan.rank, A=plan.A, B=plan.B, importance=config.use_importance, **gate, **common)
+        new.svd_factors = config.lowrank == "svd"  # calibrated or saved factors are still the SVD of W
         new.target_density = (1.0 - plan.sparsity) - plan.rank * (new.in_features + new.out_features) / (new.in_features * new.out_features)
     else:
         new = SparseLinear(module, importance=config.use_importance, **gate, **common)
         new.target_density = 1.0 - plan.sparsity
     return new
+
+
+def _check_budget(calibration, config: SparsityConfig, where: str):
+    """Per-layer settings calibrated for one method and budget would silently replace the config's."""
+    meta = getattr(calibration, "meta", None) or {}
+    method, budget = meta.get("method"), meta.get("budget_sparsity")
+    if method is not None and method != config.method:
+        raise ValueError(f"{where} was calibrated for method {method!r}, the config asks for {config.method!r}: "
+                         f"use SparsityConfig(method={method!r}, ...) or calibrate again")
+    if budget is not None and not math.isclose(float(budget), config.sparsity, abs_tol=1e-9):
+        raise ValueError(f"{where} was calibrated for sparsity {budget}, the config asks for {config.sparsity}: "
+                         f"use SparsityConfig(sparsity={budget}, ...) or calibrate again at {config.sparsity}")
+    return calibration
+
+
+def _check_backend(model: nn.Module, config: SparsityConfig) -> None:
+    """backend='triton' on weights the kernels cannot serve fails now, not at the first forward."""
+    if config.backend != "triton":
+        return
+    weight = next(model.parameters(), None)
+    if weight is None:
+        return
+    if not ops.triton_available(weight):
+        raise ValueError(
+            f"backend='triton' needs the model on a CUDA device (its weights are on {weight.device}): "
+            "move it with model.to('cuda') before sparsify, or use backend='auto' / 'reference'"
+        )
+    if weight.dtype not in ops.TRITON_DTYPES:
+        raise ValueError(
+            f"backend='triton' serves {', '.join(str(d) for d in ops.TRITON_DTYPES)} weights, not {weight.dtype}: "
+            "cast the model (model.to(torch.bfloat16)) before sparsify, or use backend='reference'"
+        )
 
 
 def _resolve_calibration(model, config: SparsityConfig, calibration, progress: bool):
@@ -250,9 +325,9 @@ def _resolve_calibration(model, config: SparsityConfig, calibration, progress: b
     if isinstance(calibration, (str, Path)):
         from .io import load_calibration
 
-        return load_calibration(model, calibration, config)
+        return _check_budget(load_calibration(model, calibration, config), config, str(calibration))
     if hasattr(calibration, "layers"):
-        return calibration
+        return _check_budget(calibration, config, "the calibration")
     from .calibrate import calibrate
 
     return calibrate(model, calibration, config, progress=progress)
@@ -275,6 +350,7 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, calibrat
     if any(isinstance(m, (SparseLinear, SparseGatedMLP)) for m in model.modules()):
         raise ValueError("this model is already sparsified; call sparse_infer.unsparsify(model) first")
     family = find_family(model)
+    _check_backend(model, config)
     calibration = _resolve_calibration(model, config, calibration, progress)
     plans = plan_layers(model, config, calibration, family)
     targets = {name: (parent, attr, module) for name, parent, attr, module, _ in _targets(model, family, config)}

@@ -223,6 +223,8 @@ def test_bad_data_is_a_clear_error(model):
         calibrate(model, ["some text"], cfg, progress=False)
     with pytest.raises(ValueError, match="token ids"):
         calibrate(model, [torch.randn(10)], cfg, progress=False)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 128\) \(the model's vocabulary\), got \[1, 128\]"):
+        calibrate(model, [torch.tensor([[1, 5, 128]])], cfg, progress=False)
     si.sparsify(model, SparsityConfig(), progress=False)
     try:
         with pytest.raises(ValueError, match="dense model"):

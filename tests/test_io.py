@@ -115,6 +115,14 @@ def test_config_mismatch_and_patched_mismatch(model, saved):
             si.load_sparsity(model, path)
     finally:
         si.unsparsify(model)
+    # the same layers, k, rank and factors, but per-token masks where the file says shared
+    cfg, _logits, path = saved["rsparse-uniform-shared"]
+    si.sparsify(model, cfg.replace(mode="per_token"), calibration=path, progress=False)
+    try:
+        with pytest.raises(ValueError, match="patched differently .*mode"):
+            si.load_sparsity(model, path)
+    finally:
+        si.unsparsify(model)
 
 
 def test_corrupted_and_unknown_version(model, saved, tmp_path):

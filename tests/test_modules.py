@@ -125,3 +125,33 @@ def test_threshold_gate_carries_its_calibrated_density(linear):
     assert SparseLinear.from_linear(linear, k=9).gate().density is None
     m.target_density = -1e-17  # a budget spent exactly by the low-rank factor, after rounding
     assert m.gate().density == 0.0
+
+
+@pytest.mark.parametrize("kind", ["linear", "rsparse", "mlp"])
+def test_triton_backend_with_gradients_runs_the_reference(kind):
+    """The kernels have no backward: a call that needs gradients warns and takes the differentiable reference."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        mlp = nn.Module()
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = nn.Linear(24, 40), nn.Linear(24, 40), nn.Linear(40, 24)
+        mlp.act_fn = nn.SiLU()
+        make = lambda backend: SparseGatedMLP.from_mlp(mlp, k=20, backend=backend)  # noqa: E731
+        params = [mlp.gate_proj.weight, mlp.down_proj.bias]
+    else:
+        lin = nn.Linear(24, 17)
+        cls, kw = (RSparseLinear, {"rank": 3}) if kind == "rsparse" else (SparseLinear, {})
+        make = lambda backend: cls.from_linear(lin, k=11, backend=backend, **kw)  # noqa: E731
+        params = [lin.weight, lin.bias]
+    x = torch.randn(1, 24, requires_grad=True)
+    grads = {}
+    for backend in ("reference", "triton"):
+        m = make(backend)
+        if backend == "triton":
+            with pytest.warns(UserWarning, match="inference-only"):
+                out = m(x)
+        else:
+            out = m(x)
+        assert out.requires_grad
+        grads[backend] = torch.autograd.grad(out.square().sum(), [x, *params])
+    for a, b in zip(grads["reference"], grads["triton"]):
+        assert torch.equal(a, b)

@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 import sparse_infer as si
+from conftest import DEVICE
 from sparse_infer import SparsityConfig
 from sparse_infer.models import tiny_model
 
@@ -126,7 +127,14 @@ def test_unsupported_model_names_class_and_families():
         ({"method": "magic"}, "unknown method 'magic'"),
         ({"targets": "lm_head"}, "unknown targets"),
         ({"method": "gate", "sparsity": 0.7}, "at most 66.7%"),
-        ({"overrides": {"*": {"rank": -1}}}, "rank must be a non-negative int"),
+        ({"method": "rsparse", "overrides": {"*": {"rank": -1}}}, "rank must be a non-negative int"),
+        ({"overrides": {"*": {"rank": 4}}}, "'rank' applies to method 'rsparse' only"),
+        ({"overrides": {1: {"sparsity": 0.5}}}, "overrides keys are fnmatch patterns"),
+        ({"importance": "false"}, "importance must be bool or NoneType"),
+        ({"per_channel": "yes"}, "per_channel must be bool"),
+        ({"seed": 1.5}, "seed must be an int"),
+        ({"version": True}, "version must be an int"),
+        ({"rank_fraction": "0.3"}, r"rank_fraction must be a number in \[0, 1\)"),
     ],
 )
 def test_bad_config_is_rejected(kwargs, match):
@@ -190,3 +198,81 @@ def test_shared_mode_holds_the_budget_at_any_batch(method):
             m.reset_stats()
         model(_ids(seed=4, batch=batch, length=8))
         assert si.model_sparsity(model, measured=True) == pytest.approx(0.4, abs=0.02), batch
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method,importance", [("topk", True), ("rsparse", None)])
+def test_weights_loaded_into_a_patched_model_refit_its_derived_state(method, importance):
+    """Importance scales and SVD factors follow weights loaded after patching; unsparsify hands them back."""
+    ids = _ids()
+    cfg = SparsityConfig(method=method, sparsity=0.5, importance=importance)
+    other = tiny_model("llama", seed=1)
+    want = si.sparsify(tiny_model("llama", seed=1), cfg, progress=False)(ids).logits
+    for assign in (False, True):
+        model = si.sparsify(tiny_model("llama", seed=0), cfg, progress=False)
+        model.load_state_dict(other.state_dict(), assign=assign)
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+        si.unsparsify(model)
+        torch.testing.assert_close(model(ids).logits, other(ids).logits, rtol=0, atol=0)
+
+
+def test_activation_fitted_factors_warn_when_weights_change():
+    model = si.sparsify(tiny_model("llama"), SparsityConfig(method="rsparse", sparsity=0.5, lowrank="activation"),
+                        calibration=[_ids(seed=1)], progress=False)
+    with pytest.warns(UserWarning, match="fitted to calibration activations"):
+        model.load_state_dict(tiny_model("llama", seed=1).state_dict())
+
+
+@pytest.mark.parametrize(
+    "kwargs,calibration_kwargs,match",
+    [
+        ({"overrides": {"*.mlp.down": {"sparsity": 0.9}}}, None, r"overrides pattern '\*.mlp.down' matches none"),
+        ({"method": "threshold", "sparsity": 0.2}, {"method": "threshold", "sparsity": 0.5}, "calibrated for sparsity 0.5"),
+        ({"method": "topk", "sparsity": 0.5}, {"method": "threshold", "sparsity": 0.5}, r"(calibrated for method |holds method=)'threshold'"),
+    ],
+)
+def test_config_and_calibration_must_agree(kwargs, calibration_kwargs, match, tmp_path):
+    model = tiny_model("llama")
+    cal = None
+    if calibration_kwargs:
+        cal_cfg = SparsityConfig(**calibration_kwargs)
+        si.sparsify(model, cal_cfg, calibration=[_ids(seed=1)], progress=False)
+        si.save_sparsity(model, tmp_path / "cal")
+        si.unsparsify(model)
+        cal = si.calibrate(model, [_ids(seed=1)], cal_cfg, progress=False)
+    for calibration in ([cal, tmp_path / "cal"] if cal is not None else [None]):
+        with pytest.raises(ValueError, match=match):
+            si.sparsify(model, SparsityConfig(**kwargs), calibration=calibration, progress=False)
+        assert not si.sparse_modules(model)
+
+
+def test_calibration_of_another_model_is_refused():
+    """An in-memory calibration is checked against the model like a file is."""
+    cfg = SparsityConfig(method="rsparse", sparsity=0.5)
+    cal = si.calibrate(tiny_model("llama", intermediate_size=96), [_ids(seed=1)], cfg, progress=False)
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="made for another model; calibrate this one"):
+        si.sparsify(model, cfg, calibration=cal, progress=False)
+    assert not si.sparse_modules(model)
+    other_layers = si.calibrate(tiny_model("llama", num_hidden_layers=3), [_ids(seed=1)], cfg, progress=False)
+    with pytest.raises(ValueError, match="holds layers this model does not patch"):
+        si.sparsify(model, cfg, calibration=other_layers, progress=False)
+
+
+def test_triton_backend_on_weights_it_cannot_serve_fails_at_patch_time(monkeypatch):
+    model = tiny_model("llama", dtype=torch.float64).to(DEVICE)
+    with pytest.raises(ValueError, match=r"serves .* not torch.float64: cast the model"):
+        si.sparsify(model, SparsityConfig(backend="triton"))
+    assert not si.sparse_modules(model)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # a CPU model without the interpreter: no kernel can run
+    with pytest.raises(ValueError, match="needs the model on a CUDA device"):
+        si.sparsify(tiny_model("llama"), SparsityConfig(backend="triton"))
+
+
+def test_mixture_of_experts_layers_are_named_in_the_error():
+    """A decoder whose first layer is a dense gated MLP but later ones are MoE blocks is refused whole."""
+    model = tiny_model("qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                       shared_expert_intermediate_size=32, mlp_only_layers=[0])
+    with pytest.raises(ValueError, match=r"layer 1: its mlp is a Qwen2MoeSparseMoeBlock.*supported are Llama"):
+        si.sparsify(model, SparsityConfig())
+    assert not si.sparse_modules(model)

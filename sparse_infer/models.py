@@ -3,6 +3,8 @@ a local path or hub id, and tiny random-weight models of each family for tests a
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import os
 import shutil
@@ -47,7 +49,36 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SPARSE_INFER_CACHE", Path.home() / ".cache" / "sparse-infer"))
 
 
-def _gguf_cached(folder: str, name: str, progress: bool) -> str:
+@contextlib.contextmanager
+def _quiet_loading(progress: bool):
+    """Without progress: no transformers loading bars or chatter, and no GGUF conversion bar
+    (transformers draws that one with a plain tqdm its progress switch does not reach)."""
+    if progress:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # pragma: no cover - a transformers without GGUF support
+        gguf_utils = None
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if bars:
+            hf_logging.enable_progress_bar()
+        hf_logging.set_verbosity(verbosity)
+
+
+def _gguf_cached(folder: str, name: str) -> str:
     """A safetensors copy of a GGUF model, converted once: de-quantizing GGUF takes tens of
     seconds on a CPU, loading the converted copy well under one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -84,19 +115,26 @@ def load_model(model: Optional[str] = None, *, dtype="float32", device: str = "c
     except ImportError as e:  # pragma: no cover
         raise ImportError("loading HuggingFace models needs the hf extra: pip install 'sparse-infer[hf]'") from e
     dtype = parse_dtype(dtype)
-    if not progress:
-        from transformers.utils import logging as hf_logging
+    with _quiet_loading(progress):
+        return _load_model(model, dtype, device, gguf_file)
 
-        hf_logging.disable_progress_bar()
+
+def _load_model(model, dtype: torch.dtype, device: str, gguf_file: Optional[str]):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     if model in (None, DEFAULT_MODEL):
         path, gguf_file = smollm2_gguf()
     elif str(model).endswith(".gguf") and os.path.isfile(model):
         path, gguf_file = os.path.dirname(os.path.abspath(model)), os.path.basename(model)
     else:
         path = model
+        # a hub id is "name" or "org/name"; anything else that names no file is a mistyped local path
+        looks_local = str(model).startswith(("/", "./", "../", "~")) or str(model).endswith(".gguf")
+        if looks_local and not os.path.exists(os.path.expanduser(model)):
+            raise FileNotFoundError(f"{model} does not exist: give a model folder, a .gguf file or a hub id (org/name)")
     kwargs = {}
     if gguf_file:
-        cached = _gguf_cached(path, gguf_file, progress)
+        cached = _gguf_cached(path, gguf_file)
         if cached:
             path = cached
         else:

@@ -46,15 +46,17 @@ def _varies(rows: Sequence[dict], key: str) -> bool:
 def markdown_table(rows: Sequence[dict]) -> str:
     """One line per row: method, target and measured sparsity, bytes read, PPL, KL, top-1.
 
-    Protocol, mode and batch columns appear only when they vary; rows a method
-    cannot reach (gate above 2/3) read "n/a"."""
+    Protocol, mode and batch columns appear when they vary or differ from the
+    default (every token, per-token masks); rows a method cannot reach (gate
+    above 2/3) read "n/a"."""
     cols = [("method", "Method")]
     if any(r.get("method") == "rsparse" for r in rows) or _varies(rows, "allocation"):
         cols.append(("allocation", "Allocation"))
     cols.append(("target", "Target"))
     if _varies(rows, "protocol") or any(r.get("protocol") != "all" for r in rows):
         cols.append(("protocol", "Protocol"))
-    if _varies(rows, "mode") or _varies(rows, "batch_size"):
+    sparse = [r for r in rows if r.get("method") != "dense"]
+    if _varies(rows, "mode") or _varies(rows, "batch_size") or any(r.get("mode") == "shared" for r in sparse):
         cols += [("mode", "Mask"), ("batch_size", "Batch")]
     cols += [("sparsity", "Measured sparsity"), ("bytes_rel", "Weight bytes / token"), ("ppl", "PPL"),
              ("kl", "KL to dense"), ("top1", "Top-1 agree")]
@@ -80,11 +82,15 @@ def caption(rows: Sequence[dict]) -> str:
     if not rows:
         return ""
     r = rows[0]
-    ok = [x for x in rows if x.get("status") == "ok"]
-    n = ok[0]["n_tokens"] if ok else 0
-    decode = "; decode protocol: the second halves" if any(x.get("protocol") == "decode" for x in rows) else ""
+    scored = {}  # tokens scored per row, by protocol (the decode protocol scores second halves only)
+    for x in rows:
+        if x.get("status") == "ok":
+            scored.setdefault(x.get("protocol"), x["n_tokens"])
+    counts = "; ".join(f"{n} scored per {p} row" if len(scored) > 1 else f"{n} scored per row"
+                       for p, n in scored.items()) or "0 scored per row"
+    decode = "; decode protocol: the second halves" if "decode" in scored else ""
     return (f"{r['model']} ({r['dtype']}, {r['device']}), {r['targets']} linears, {r['n_windows']} windows of "
-            f"{r['window']} tokens ({n} scored per row{decode}), text sha256 "
+            f"{r['window']} tokens ({counts}{decode}), text sha256 "
             f"{str(r['text_sha256'])[:12]}, calibration {r['calib_windows']} held-out windows, seed {r['seed']}, "
             f"sparse-infer {r['version']}")
 
@@ -161,10 +167,19 @@ def plot_ppl(rows: Sequence[dict], path) -> str:
     return str(path)
 
 
-def write_results(rows: Sequence[dict], out_dir="results", meta: Optional[dict] = None, plot: bool = True) -> Dict[str, str]:
-    """CSV, JSON, markdown and (``plot``) PNG of ``rows`` under ``out_dir``; returns their paths."""
+def prepare_out_dir(out_dir) -> Path:
+    """Create ``out_dir`` and check that files can be written in it (OSError otherwise)."""
     out = Path(out_dir)
     os.makedirs(out, exist_ok=True)
+    probe = out / f".{BASENAME}.write-test"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return out
+
+
+def write_results(rows: Sequence[dict], out_dir="results", meta: Optional[dict] = None, plot: bool = True) -> Dict[str, str]:
+    """CSV, JSON, markdown and (``plot``) PNG of ``rows`` under ``out_dir``; returns their paths."""
+    out = prepare_out_dir(out_dir)
     paths = {
         "csv": write_csv(rows, out / f"{BASENAME}.csv"),
         "json": write_json(rows, out / f"{BASENAME}.json", meta),

@@ -79,8 +79,18 @@ def test_eval_protocols_and_shared_mode(model_dir, text_file, tmp_path, capsys):
     (["--sparsities", "0.5,1.0"], "sparsity must lie in [0, 1)"),
     (["--sparsities", "abc"], "sparsity"),
     (["--protocols", "prefill"], "unknown protocol"),
+    (["--device", "foo"], "unknown device 'foo'"),
+    (["--dtype", "float8"], "unknown dtype 'float8'"),
+    (["--batch-sizes", "4"], "apply to shared-mask rows only"),
+    (["--search-iterations", "0"], "search iterations must be a positive integer"),
+    (["--targets", "attn", "--methods", "dense,gate"], "method 'gate' sparsifies the gated MLP"),
+    (["--out", "{file}"], "cannot hold the results"),
+    (["--out", "{file}/sub"], "cannot hold the results"),
 ])
 def test_bad_arguments_exit_cleanly(args, message, tmp_path, capsys):
+    """Caught before the model loads: one line, exit code 2, no traceback."""
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{file}", str(tmp_path / "file")) for a in args]
     rc = main(["eval", "--out", str(tmp_path), *args])
     _, err = capsys.readouterr()
     assert rc == 2
@@ -117,7 +127,28 @@ def test_unsupported_model_family(text_file, tmp_path, capsys):
 def test_missing_model_path(text_file, tmp_path, capsys):
     rc = main(small(str(tmp_path / "no-such-model"), text_file, tmp_path / "res", "--no-progress"))
     _, err = capsys.readouterr()
-    assert rc == 2 and "could not load model" in err and "Traceback" not in err
+    assert rc == 2 and "could not load model" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_text_variable_naming_a_missing_file_is_an_error(model_dir, tmp_path, monkeypatch, capsys):
+    """$SPARSE_INFER_TEXT with a typo must not fall back to another text silently."""
+    monkeypatch.setenv("SPARSE_INFER_TEXT", str(tmp_path / "typo.txt"))
+    args = small(model_dir, "-", tmp_path / "res", "--no-progress")
+    i = args.index("--text-file")
+    rc = main(args[:i] + args[i + 2:])
+    _, err = capsys.readouterr()
+    assert rc == 2 and f"SPARSE_INFER_TEXT={tmp_path / 'typo.txt'} does not exist" in err
+
+
+def test_shared_only_table_says_so(model_dir, text_file, tmp_path, capsys):
+    """Rows of shared masks alone still carry the Mask and Batch columns (they would read as per-token)."""
+    rc = main(small(model_dir, text_file, tmp_path / "res", "-q", "--no-plot", "--methods", "dense,topk",
+                    "--modes", "shared", "--batch-sizes", "2"))
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    header, _rule, dense, topk = [line for line in out.splitlines() if line.startswith("|")]
+    assert "| Mask | Batch |" in header
+    assert "| shared | 2 |" in topk
 
 
 def test_no_subcommand_prints_help(capsys):

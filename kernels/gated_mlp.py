@@ -23,7 +23,7 @@ threshold gating (3 launches)
 top-k gating (5 launches): 1. becomes PHASE=0 (gate GEMV, writes h), then the
   top-k kernel of ``gating`` (one program per token, or one for shared mode) finds
   the k-th largest score by a 31-step bitwise binary search on the fp32 bit
-  pattern (scores are >= 0, so the bits order like the values; NaN maps to inf)
+  pattern (scores are >= 0, so the bits order like the values; NaN ranks above +inf)
   and breaks ties at that value towards the lower index with a cumsum, exactly
   like the reference's stable descending sort; writes an int8 mask.  Then
   ``_gate_up_kernel`` (PHASE=2) reads h and the mask and does the up rows.
@@ -94,7 +94,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import interpreting, num_sms
-from .gating import _topk_launch
+from .gating import _check_scale, _topk_launch
 
 __all__ = ["gated_mlp", "MAX_KERNEL_TOKENS", "ACTIVATIONS"]
 
@@ -429,6 +429,8 @@ def gated_mlp(
 def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias=None, up_bias=None,
                     down_bias=None) -> torch.Tensor:
     _check(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up_bias, down_bias)
+    # the kernels read per-channel vectors as ptr + channel: strided views must become contiguous
+    gate_bias, up_bias, down_bias = (b if b is None else b.contiguous() for b in (gate_bias, up_bias, down_bias))
     hidden = x.shape[-1]
     inter = gate_weight.shape[0]
     out_f = down_weight.shape[0]
@@ -464,7 +466,7 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
     bn, bk, nw = (32, 32, 4) if interp else _GATE_CFG[mode]
     grid_n = (triton.cdiv(inter, bn),)
     act = ACTIVATIONS[act_name]
-    scale = gate.scale if gate.scale is not None else dummy
+    scale = dummy if gate.scale is None else _check_scale(gate.scale, inter, dev)
     common = dict(ACT=act, HAS_SCALE=gate.scale is not None, HAS_BG=gate_bias is not None,
                   HAS_BU=up_bias is not None, M_PAD=m_pad, BLOCK_N=bn, BLOCK_K=bk, USE_DOT=use_dot,
                   DOT_F32=dot_f32, num_warps=nw, enable_fp_fusion=True)
@@ -488,7 +490,7 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
         t = gate.threshold
         if isinstance(t, torch.Tensor):
             t_mode = _T_SCALAR_PTR if t.numel() == 1 else _T_CHANNEL_PTR
-            t_ptr, t_val = t.reshape(-1), 0.0
+            t_ptr, t_val = t.reshape(-1).contiguous(), 0.0
         else:
             t_mode, t_ptr, t_val = _T_SCALAR_ARG, dummy, float(t)
         _gate_up_kernel[grid_n](*args_w, dummy, dummy, 0, p, t_ptr, t_val, scale, M, inter, hidden,

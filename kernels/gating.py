@@ -8,7 +8,8 @@ Semantics are those of ``sparse_infer.reference`` (the spec):
   ties broken towards the lower channel index (stable descending sort);
 * threshold keeps ``not (score <= t)`` (NaN stays active), ``t`` scalar or (in,);
 * shared mode ranks / thresholds the root mean square of ``x * s`` over the
-  tokens of one decode step (squares summed in token order, ``/ M``, ``sqrt_rn``):
+  tokens of one decode step (squares rounded and summed in token order, IEEE ``div_rn``
+  by M, ``sqrt_rn``: bit-equal to the reference, GPU included, in these gating passes):
   all tokens of a 2-D ``x``; for ``(batch, seq, in)`` one mask per position
   ``seq`` (RMS over the batch), as ``reference.shared_topk_mask``.
 
@@ -61,7 +62,7 @@ def _row_score(x_ptr, s_ptr, row, offs, ok, M, stride_xr, stride_xm, stride_xk,
         for m in range(0, M):
             v = _score(x_ptr, s_ptr, row * stride_xr + m * stride_xm, offs, ok, stride_xk, HAS_SCALE)
             acc += v * v
-        sc = tl.sqrt_rn(acc / M)
+        sc = tl.sqrt_rn(tl.div_rn(acc, tl.full(acc.shape, M, tl.float32)))
     else:
         sc = _score(x_ptr, s_ptr, row * stride_xr, offs, ok, stride_xk, HAS_SCALE)
     return sc
@@ -69,9 +70,9 @@ def _row_score(x_ptr, s_ptr, row, offs, ok, M, stride_xr, stride_xm, stride_xk,
 
 @triton.jit
 def _as_bits(sc, ok):
-    """int32 bit pattern of a non-negative score (NaN -> +inf); -1 where not ``ok``."""
-    sc = tl.where(sc != sc, float("inf"), sc)
-    bits = sc.to(tl.int32, bitcast=True)
+    """int32 bit pattern of a non-negative score, which orders like its value (+inf above every
+    finite score); NaN takes the quiet-NaN pattern, above +inf, as in the reference; -1 where not ``ok``."""
+    bits = tl.where(sc != sc, 0x7FC00000, sc.to(tl.int32, bitcast=True))
     return tl.where(ok, bits, -1)
 
 
@@ -184,7 +185,7 @@ def _pregate_kernel(
             if HAS_SCALE:
                 xf = xf * s
             acc += xf * xf
-        rms = tl.sqrt_rn(acc / M)
+        rms = tl.sqrt_rn(tl.div_rn(acc, tl.full(acc.shape, M, tl.float32)))
         shared_keep = ((rms > t) | (rms != rms) | (t != t)) & ok
     elif MODE == 3:
         shared_keep = (tl.load(gm_ptr + offs * stride_gk, mask=ok, other=0) != 0) & ok
@@ -255,7 +256,7 @@ def pregate(x2: torch.Tensor, mode: int, t=None, stride_t: int = 0, scale=None, 
         out.get("idx", anyv), out.get("cnt", anyv), out.get("idxi", anyv), out.get("cnti", anyv), M, K,
         x2.stride(0), x2.stride(1), stride_t, gm_s0, gm.stride(-1) if gm is not None else 0,
         MODE=mode, HAS_SCALE=scale is not None, WRITE_INV=invert, COMPACT=bool(compact_block), BLOCK=block,
-        num_warps=4,
+        num_warps=4, enable_fp_fusion=False,  # shared RMS: each square rounded, as the reference sums them
     )
     return out
 
@@ -346,6 +347,7 @@ def _topk_launch(x2: torch.Tensor, k: int, scale, shared: bool, steps: int = 1) 
         x2, s if s is not None else x2, mask, M, K, k,
         s_row, s_mem, x2.stride(1), mask.stride(0),
         HAS_SCALE=s is not None, SHARED=shared, RESIDENT=resident, BLOCK=block, num_warps=warps,
+        enable_fp_fusion=False,  # shared RMS: each square rounded, as the reference sums them
     )
     return mask
 
@@ -364,6 +366,7 @@ def _threshold_launch(x2: torch.Tensor, threshold, scale, shared: bool, steps: i
         x2, t, s if s is not None else x2, mask, M, K,
         s_row, s_mem, x2.stride(1), st, mask.stride(0),
         HAS_SCALE=s is not None, SHARED=shared, BLOCK=block, num_warps=4,
+        enable_fp_fusion=False,  # shared RMS: each square rounded, as the reference sums them
     )
     return mask
 

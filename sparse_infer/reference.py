@@ -56,11 +56,15 @@ def _importance(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     return xf.abs()
 
 
+_NAN_BITS = 0x7FC00000  # a quiet NaN's float32 bit pattern
+
+
 def topk_mask(x: torch.Tensor, k: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per token, True for the ``k`` channels of largest ``|x·s|``.
 
     Ties are broken towards the lower channel index (a stable descending sort),
-    so the mask is deterministic; NaN ranks above every number.
+    so the mask is deterministic; +inf ranks above every finite score and NaN
+    above +inf.
     """
     n = x.shape[-1]
     if not 0 <= k <= n:
@@ -69,7 +73,10 @@ def topk_mask(x: torch.Tensor, k: int, scale: Optional[torch.Tensor] = None) -> 
         return torch.ones_like(x, dtype=torch.bool)
     if k == 0:
         return torch.zeros_like(x, dtype=torch.bool)
-    score = _importance(x, scale).nan_to_num(nan=float("inf"))
+    score = _importance(x, scale)
+    # Ranked by float32 bit pattern: for scores >= 0 it orders like the value, +inf above every
+    # finite score, and NaN takes the quiet-NaN pattern above +inf (no float stands above inf).
+    score = torch.where(score.isnan(), _NAN_BITS, score.view(torch.int32))
     # The k-th largest score; everything above it is active.  Of the scores equal
     # to it, the lowest indices are kept, as a stable descending sort would
     # (torch.topk finds the value several times faster than a full sort on the CPU).
@@ -106,7 +113,8 @@ def _step_importance(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Te
     the channels that cost the batch least.  Measured on SmolLM2 (issue 7 note):
     lower perplexity and KL than the mean of ``|x·s|`` in every row.  For one
     token it equals ``|x·s|``.  fp32: squares summed in token order, divided by
-    the token count, then the square root (IEEE, as the kernels' ``sqrt_rn``).
+    the token count, then the correctly rounded square root (IEEE, as the
+    kernels' ``div_rn`` and ``sqrt_rn``).
 
     A decode step is what one batched call of a server computes: for ``x`` of
     shape ``(batch, seq, in)`` the tokens at the same position ``seq`` of every
@@ -116,9 +124,15 @@ def _step_importance(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Te
     """
     imp = _importance(x, scale)
     sq = imp * imp
-    if x.dim() <= 2:
-        return sq.reshape(-1, x.shape[-1]).mean(dim=0).sqrt()
-    return sq.reshape(-1, x.shape[-2], x.shape[-1]).mean(dim=0).sqrt()
+    rows = sq.reshape(-1, x.shape[-1]) if x.dim() <= 2 else sq.reshape(-1, x.shape[-2], x.shape[-1])
+    # token order, as written in the spec (torch's mean reduces in another order from 5 rows on,
+    # and a score one ulp off flips a channel sitting on a threshold)
+    acc = rows[0].clone() if len(rows) else rows.sum(dim=0)
+    for r in rows[1:]:
+        acc = acc + r
+    # torch's vectorised float32 sqrt on the CPU may be 1 ulp off; the float64 root rounded to
+    # float32 is the correctly rounded one (the kernels' sqrt_rn)
+    return (acc / len(rows)).double().sqrt().float()
 
 
 def shared_topk_mask(x: torch.Tensor, k: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -18,7 +18,9 @@ from sparse_infer.kernels.gated_mlp import gated_mlp
 from sparse_infer.ops import Gate
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+# the kernel rounds where the reference rounds (0 error measured in bf16, <1e-5 in fp16 under the
+# interpreter); a rounding that truncates instead of rounding to nearest even gives 1-2.5e-2
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 5e-3}
 SHAPES = [(37, 101), (64, 160)]  # (hidden, intermediate)
 TOKENS = [1, 3, 16]
 ACTS = {
@@ -214,6 +216,25 @@ def test_strided_inputs(dtype):
     assert out.shape == (3, 2, hidden)
 
 
+@pytest.mark.parametrize("kind", ["topk", "threshold"])
+def test_strided_vectors(kind):
+    """Biases, a per-channel threshold and the importance scale given as strided views."""
+    dtype = torch.float32
+    hidden, inter = 37, 101
+    x, wg, wu, wd, b = make_case(3, hidden, inter, dtype, bias=True, seed=17)
+    b = tuple(torch.stack([v, -v], dim=-1)[..., 0] for v in b)  # every other element of a buffer
+    g = torch.Generator().manual_seed(18)
+    scale = torch.stack([torch.rand(inter, generator=g) + 0.5] * 2, dim=-1)[..., 0].to(DEVICE)
+    if kind == "topk":
+        gate = Gate(k=40, scale=scale)
+    else:
+        t = threshold_for(gate_scores(x, wg, b[0], "silu", scale), 0.5, True, inter)
+        gate = Gate(threshold=torch.stack([t, -t], dim=-1)[..., 0], scale=scale)
+        assert not gate.threshold.is_contiguous()
+    assert not any(v.is_contiguous() for v in (*b, scale))
+    check(x, wg, wu, wd, "silu", gate, b, dtype)
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_ties_lower_index_wins(shared):
     """Integer inputs give many exactly equal gate activations; the selection must match the reference's."""
@@ -247,6 +268,7 @@ def test_selection_pass_on_h(monkeypatch, streamed, shared):
         M, N = 4, 101
         h = torch.randn(M, N, generator=g).mul(4).round().div(4)  # ties
         h[0, 3] = float("nan")
+        h[0, 50] = float("inf")  # NaN ranks above +inf in the same row
         h[1, 90] = float("inf")
         h[2, 10] = float("-inf")
         h[3, :] = 0.0

@@ -450,6 +450,41 @@ def test_gates_equal_reference(dtype, shape):
         assert torch.equal(K.threshold_mask(x, t, s, shared=True), ref.shared_threshold_mask(x, t, s))
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_topk_ranks_nan_above_inf_above_finite(monkeypatch, streamed):
+    """NaN > +inf > the largest finite score in one row, per token and shared, as the reference ranks."""
+    from sparse_infer.kernels import gating
+    if streamed:
+        monkeypatch.setattr(gating, "RESIDENT_MAX", 32)
+    inf, nan, big = float("inf"), float("nan"), torch.finfo(torch.float32).max
+    x = torch.zeros(3, 70, device=DEVICE)
+    x[0, [2, 5, 9]] = torch.tensor([inf, nan, 2.0], device=DEVICE)
+    x[1, [1, 4, 8]] = torch.tensor([big, -inf, 1.0], device=DEVICE)
+    x[2, [0, 3]] = torch.tensor([-inf, inf], device=DEVICE)  # tie: the lower index wins
+    want = {1: [[5], [4], [0]], 2: [[2, 5], [1, 4], [0, 3]], 3: [[2, 5, 9], [1, 4, 8], [0, 3, 1]]}
+    for k, rows in want.items():
+        mask = K.topk_mask(x, k)
+        assert torch.equal(mask, ref.topk_mask(x, k)), k
+        if k < 3:  # row 2's third pick is the first zero: ties of 0.0, lowest index
+            assert [sorted(r.nonzero().flatten().tolist()) for r in mask] == [sorted(r) for r in rows], k
+        assert torch.equal(K.topk_mask(x, k, shared=True), ref.shared_topk_mask(x, k)), k
+    # the NaN channel is the one picked at k=1: its column's NaN reaches every output
+    w = torch.ones(4, 70, device=DEVICE)
+    y = K.sparse_linear(x[:1], w, None, Gate(k=1))
+    assert torch.isnan(y).all() and torch.equal(y.isnan(), ref_sparse(x[:1], w, None, ref.topk_mask(x[:1], 1)).isnan())
+
+
+@pytest.mark.parametrize("M", [1, 5, 16])
+def test_shared_threshold_on_a_score(M):
+    """Thresholds set exactly to RMS scores: the reference's float32 root must be the kernels'
+    correctly rounded one, or channels at the threshold flip."""
+    g = torch.Generator().manual_seed(M)
+    x = rnd(g, M, 200)
+    rms = ref._step_importance(x, None)
+    for t in (rms, rms.roll(1), rms.sort().values[100]):
+        assert torch.equal(K.threshold_mask(x, t, shared=True), ref.shared_threshold_mask(x, t))
+
+
 def test_topk_streamed_rows(monkeypatch):
     """Rows longer than RESIDENT_MAX take the chunked selection path (forced here on a short row)."""
     from sparse_infer.kernels import gating

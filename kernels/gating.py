@@ -52,6 +52,11 @@ def _score(x_ptr, s_ptr, row_off, offs, ok, stride_xk, HAS_SCALE: tl.constexpr):
     return tl.abs(x)
 
 
+# Launch options of the gating passes: no fused square-add in the shared RMS, so each square is
+# rounded before it is summed, as the reference does (with div_rn and sqrt_rn: bit-equal masks).
+EXACT_RMS = dict(enable_fp_fusion=False)
+
+
 @triton.jit
 def _row_score(x_ptr, s_ptr, row, offs, ok, M, stride_xr, stride_xm, stride_xk,
                HAS_SCALE: tl.constexpr, SHARED: tl.constexpr):
@@ -256,7 +261,7 @@ def pregate(x2: torch.Tensor, mode: int, t=None, stride_t: int = 0, scale=None, 
         out.get("idx", anyv), out.get("cnt", anyv), out.get("idxi", anyv), out.get("cnti", anyv), M, K,
         x2.stride(0), x2.stride(1), stride_t, gm_s0, gm.stride(-1) if gm is not None else 0,
         MODE=mode, HAS_SCALE=scale is not None, WRITE_INV=invert, COMPACT=bool(compact_block), BLOCK=block,
-        num_warps=4, enable_fp_fusion=False,  # shared RMS: each square rounded, as the reference sums them
+        num_warps=4, **EXACT_RMS,
     )
     return out
 
@@ -346,8 +351,7 @@ def _topk_launch(x2: torch.Tensor, k: int, scale, shared: bool, steps: int = 1) 
     _topk_kernel[(rows,)](
         x2, s if s is not None else x2, mask, M, K, k,
         s_row, s_mem, x2.stride(1), mask.stride(0),
-        HAS_SCALE=s is not None, SHARED=shared, RESIDENT=resident, BLOCK=block, num_warps=warps,
-        enable_fp_fusion=False,  # shared RMS: each square rounded, as the reference sums them
+        HAS_SCALE=s is not None, SHARED=shared, RESIDENT=resident, BLOCK=block, num_warps=warps, **EXACT_RMS,
     )
     return mask
 
@@ -365,8 +369,7 @@ def _threshold_launch(x2: torch.Tensor, threshold, scale, shared: bool, steps: i
     _threshold_kernel[(rows, triton.cdiv(K, block))](
         x2, t, s if s is not None else x2, mask, M, K,
         s_row, s_mem, x2.stride(1), st, mask.stride(0),
-        HAS_SCALE=s is not None, SHARED=shared, BLOCK=block, num_warps=4,
-        enable_fp_fusion=False,  # shared RMS: each square rounded, as the reference sums them
+        HAS_SCALE=s is not None, SHARED=shared, BLOCK=block, num_warps=4, **EXACT_RMS,
     )
     return mask
 

@@ -595,3 +595,45 @@ def test_gpu_configs_fit_registers(monkeypatch):
                     assert (cfg.BLOCK_N, cfg.BLOCK_K, cfg.num_warps) == (128, 64, 1)
     finally:
         at._CFG_CACHE.clear()
+
+
+_GATING_SM90 = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from sparse_infer.kernels import gating as G
+cases = ((G._threshold_kernel, dict(HAS_SCALE=True, SHARED=True, BLOCK=1024)),
+         (G._topk_kernel, dict(HAS_SCALE=False, SHARED=True, RESIDENT=True, BLOCK=16384)))
+for kern, const in cases:
+    for one_token in (True, False):  # a launch with M == 1 specialises M to a constexpr
+        sig, ce = {}, {}
+        for i, n in enumerate(kern.arg_names):
+            if n in const:
+                sig[n], ce[(i,)] = "constexpr", const[n]
+            elif n.endswith("_ptr"):
+                sig[n] = "*i8" if n == "mask_ptr" else "*fp32"
+            elif n == "M" and one_token:
+                sig[n], ce[(i,)] = "constexpr", 1
+            else:
+                sig[n] = "i32"
+        ptx = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=ce), target=GPUTarget("cuda", 90, 32),
+                             options=dict(num_warps=4, **G.EXACT_RMS)).asm["ptx"]
+        print(kern.fn.__name__, one_token, "div.rn.f32" in ptx, "sqrt.rn.f32" in ptx, "fma.rn.f32" in ptx)
+"""
+
+
+def test_shared_rms_compiles_ieee_for_sm90():
+    """The gating passes' shared RMS on an H100: IEEE division and root, no fused square-add (so the mask
+    is bit-equal to the reference's), for M as a runtime value and as the constexpr a one-token launch
+    makes of it.  (A subprocess without the interpreter, as bench/sass_count.py.)"""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _GATING_SM90], env=env, capture_output=True, text=True, timeout=300)
+    if run.returncode and "ptxas" in run.stderr:
+        pytest.skip(f"this triton build cannot compile for sm_90: {run.stderr[-300:]}")
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = [line.split() for line in run.stdout.splitlines()]
+    assert len(rows) == 4 and all(r[2:] == ["True", "True", "False"] for r in rows), run.stdout

@@ -162,7 +162,7 @@ def main(argv=None, model=None, tokenizer=None) -> List[dict]:
     if model is None:
         from sparse_infer.models import load_model
 
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, progress=not args.no_progress)
     model.eval()
     for a in args.gate_up:
         try:

@@ -29,6 +29,7 @@ from sparse_infer.calibrate import calibrate, default_calibration_data
 from sparse_infer.evaluate import perplexity
 
 
+@torch.no_grad()  # not set_grad_enabled(False): tests call main in-process
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M)")
@@ -48,7 +49,6 @@ def main(argv=None):
 
     from sparse_infer.models import load_model
 
-    torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
     text = D.load_text(args.text_file)
     ids = D.tokenize(text.text, tok)

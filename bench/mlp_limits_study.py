@@ -301,6 +301,7 @@ def markdown(rows: List[dict]) -> str:
     return "\n".join(out)
 
 
+@torch.no_grad()  # not set_grad_enabled(False): tests call main in-process
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2-135M)")
@@ -328,7 +329,6 @@ def main(argv=None):
     from sparse_infer import data as D
     from sparse_infer.models import load_model
 
-    torch.set_grad_enabled(False)
     model, tok = load_model(args.model)
     text = D.load_text(args.text_file)
     eval_ids, calib_ids, _ = D.split_tokens(D.tokenize(text.text, tok))

@@ -219,7 +219,8 @@ class RSparseLinear(SparseLinear):
     from the SVD of the same weight (`reference.lowrank_factors`).
     """
 
-    def __init__(self, linear: nn.Linear, *, rank: int, A: Optional[torch.Tensor] = None, B: Optional[torch.Tensor] = None, **kw):
+    def __init__(self, linear: nn.Linear, *, rank: int, A: Optional[torch.Tensor] = None, B: Optional[torch.Tensor] = None,
+                 svd_factors: Optional[bool] = None, **kw):
         kw.setdefault("importance", True)
         super().__init__(linear, **kw)
         limit = min(self.in_features, self.out_features)
@@ -227,10 +228,10 @@ class RSparseLinear(SparseLinear):
             raise ValueError(
                 f"rank={rank} is outside [0, min(in, out)={limit}] for a {self.out_features}x{self.in_features} layer"
             )
-        # SVD factors are refitted when new weights are loaded; given ones may be fitted to
-        # activations (`lowrank="activation"`): the planner says which through this flag
-        self.svd_factors = A is None or B is None
-        if self.svd_factors:
+        # SVD factors are refitted when new weights are loaded; given A, B may be fitted to
+        # activations (`lowrank="activation"`), so the caller says which (default: only computed ones)
+        self.svd_factors = (A is None or B is None) if svd_factors is None else bool(svd_factors)
+        if A is None or B is None:
             A, B = ref.lowrank_factors(linear.weight, rank)
         if tuple(A.shape) != (self.in_features, rank) or tuple(B.shape) != (rank, self.out_features):
             raise ValueError(

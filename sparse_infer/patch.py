@@ -273,8 +273,9 @@ def _build(plan: LayerPlan, module: nn.Module, config: SparsityConfig, family: F
         new = SparseGatedMLP(module, names=family.mlp_linears, **gate, **common)
         new.target_density = 1.0 - 1.5 * plan.sparsity
     elif plan.method == "rsparse":
-        new = RSparseLinear(module, rank=plan.rank, A=plan.A, B=plan.B, importance=config.use_importance, **gate, **common)
-        new.svd_factors = config.lowrank == "svd"  # calibrated or saved factors are still the SVD of W
+        # calibrated or saved factors are still the SVD of W unless they were fitted to activations
+        new = RSparseLinear(module, rank=plan.rank, A=plan.A, B=plan.B, svd_factors=config.lowrank == "svd",
+                            importance=config.use_importance, **gate, **common)
         new.target_density = (1.0 - plan.sparsity) - plan.rank * (new.in_features + new.out_features) / (new.in_features * new.out_features)
     else:
         new = SparseLinear(module, importance=config.use_importance, **gate, **common)

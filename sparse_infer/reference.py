@@ -127,7 +127,7 @@ def _step_importance(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Te
     rows = sq.reshape(-1, x.shape[-1]) if x.dim() <= 2 else sq.reshape(-1, x.shape[-2], x.shape[-1])
     # token order, as written in the spec (torch's mean reduces in another order from 5 rows on,
     # and a score one ulp off flips a channel sitting on a threshold)
-    acc = rows[0].clone() if len(rows) else rows.sum(dim=0)
+    acc = rows[0] if len(rows) else rows.sum(dim=0)  # the loop makes new tensors: no copy needed
     for r in rows[1:]:
         acc = acc + r
     # torch's vectorised float32 sqrt on the CPU may be 1 ulp off; the float64 root rounded to

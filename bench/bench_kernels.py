@@ -22,6 +22,7 @@ import itertools
 import math
 import os
 import platform
+import shlex
 import sys
 from typing import Optional
 
@@ -43,7 +44,7 @@ DTYPES = ("bf16", "fp16")
 CSV_FIELDS = [
     "model", "proj", "in_features", "out_features", "M", "dtype", "kernel", "sparsity", "active", "rank",
     "dense_us", "kernel_us", "speedup", "bytes", "gbps", "pct_copy_bw", "graph_dense_us", "graph_kernel_us",
-    "gpu", "torch", "triton", "timestamp",
+    "gpu", "torch", "triton", "timestamp", "command",
 ]
 
 
@@ -140,6 +141,7 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
         "# sparse-infer kernel benchmark", "",
         f"GPU: {meta.get('gpu', '?')} | torch {meta.get('torch', '?')} | triton {meta.get('triton', '?')} | "
         f"{meta.get('timestamp', '?')} | copy bandwidth {_fmt(meta.get('copy_gbps'), 0)} GB/s", "",
+        f"Command: `{meta.get('command', '?')}`", "",
         "Eager: triton.testing.do_bench median (L2 flushed, includes Python launch overhead when it exceeds the "
         "flush); graph: do_bench_cudagraph median (weights rotated).  GB/s and % copy BW from the eager time.", "",
         "| model | proj | in→out | M | dtype | kernel | sparsity | rank | dense µs | kernel µs | speedup | GB/s "
@@ -468,6 +470,7 @@ def main(argv=None):
         print("bench_kernels.py needs a CUDA GPU (build_cases/write_results work without one)", file=sys.stderr)
         return 2
     meta = _meta()
+    meta["command"] = shlex.join(["python", "bench/bench_kernels.py", *(sys.argv[1:] if argv is None else argv)])
     copy_gbps = copy_bandwidth_gbps()
     meta["copy_gbps"] = copy_gbps
     print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']}: copy bandwidth {copy_gbps:.0f} GB/s",

@@ -63,7 +63,7 @@ def load_text(path: Optional[str] = None) -> Text:
     except Exception as e:  # no datasets package, or no hub
         raise FileNotFoundError(
             "no evaluation text found. Give one with --text-file PATH (Python: text_file=...), or set "
-            f"{ENV_VAR}=PATH, or place WikiText-2 raw test at {tried[0]}; tried: "
+            f"{ENV_VAR}=PATH, or place WikiText-2 raw test at {(Path.cwd() / SHARED_REL).resolve()}; tried: "
             + ", ".join(str(p) for p in tried)
             + f"; the datasets library fallback failed too ({type(e).__name__})"
         ) from None

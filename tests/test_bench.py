@@ -294,10 +294,12 @@ def test_bench_kernels_cases_and_writer(tmp_path):
     quick = bk.build_cases(bk.parse_args(["--quick"]))
     assert 0 < len(quick) <= len(cases)
     rows = [dict(c, dense_us=10.0, kernel_us=5.0, speedup=2.0, gpu="cpu", torch="t", triton="tr",
-                 timestamp="now") for c in quick[:3]]
+                 timestamp="now", command="python bench/bench_kernels.py --quick") for c in quick[:3]]
     paths = bk.write_results(rows, str(tmp_path))
     for p in paths:
         assert Path(p).is_file() and Path(p).stat().st_size > 0
+        # every table says which command produced it
+        assert "python bench/bench_kernels.py --quick" in Path(p).read_text()
 
 
 def test_final_variants_are_config_fields():

@@ -22,8 +22,17 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_no_top_level_kernels_package():
+    import importlib.metadata
+
     import sparse_infer.kernels as k
 
-    assert Path(k.__file__).resolve().parent == ROOT / "kernels"
+    # Editable or not, sparse_infer.kernels must be this checkout's kernels/ folder ...
+    installed = Path(k.__file__).resolve().parent
+    ours = sorted(f.name for f in (ROOT / "kernels").glob("*.py"))
+    assert sorted(f.name for f in installed.glob("*.py")) == ours
+    assert all((installed / f).read_bytes() == (ROOT / "kernels" / f).read_bytes() for f in ours)
+    # ... and the installed distribution declares no top-level package but sparse_infer.
+    top = importlib.metadata.distribution("sparse-infer").read_text("top_level.txt")
+    assert top is not None and top.split() == ["sparse_infer"]
     toml = (ROOT / "pyproject.toml").read_text()
     assert '"sparse_infer.kernels" = "kernels"' in toml and 'packages = ["sparse_infer", "sparse_infer.kernels"]' in toml

@@ -330,3 +330,17 @@ def test_activation_lowrank_without_calibration_is_a_clear_error(model):
     with pytest.raises(ValueError, match="needs calibration"):
         si.sparsify(model, SparsityConfig(method="rsparse", sparsity=0.5, lowrank="activation"), progress=False)
     assert not si.sparse_modules(model)
+
+
+def test_importance_thresholds_hit_their_density_before_refinement(model):
+    """R-Sparse gates on |x|·‖W[:, i]‖: thresholds read off the importance histogram hit each layer's density
+    without the refinement passes (which would hide a histogram that ignored the scale)."""
+    cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="uniform")
+    data = _data(0, 48, 32)
+    cal = calibrate(model, data, cfg, progress=False, refine_rounds=0)
+    si.sparsify(model, cfg, calibration=cal, progress=False)
+    try:
+        for name, m in _measured(model, data).items():
+            assert m.target_density is not None and abs(m.measured_density - m.target_density) <= 0.02, name
+    finally:
+        si.unsparsify(model)

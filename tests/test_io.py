@@ -46,18 +46,24 @@ def saved(model, tmp_path_factory):
             logits = model(IDS).logits
         path = tmp_path_factory.mktemp(name)
         si.save_sparsity(model, path)
+        hints = {n: m.target_density for n, m in si.sparse_modules(model).items()}
         si.unsparsify(model)
-        out[name] = (cfg, logits, path)
+        out[name] = (cfg, logits, path, hints)
     return out
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_save_load_identical_logits(model, saved, case):
-    cfg, logits, path = saved[case]
+    cfg, logits, path, hints = saved[case]
     si.load_sparsity(model, path)
     try:
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, logits)
+        # the density each module tells the kernels (it picks the kernel's loop) survives the round trip
+        loaded = {n: m.target_density for n, m in si.sparse_modules(model).items()}
+        assert loaded.keys() == hints.keys()
+        for n, d in hints.items():
+            assert (d is None and loaded[n] is None) or loaded[n] == pytest.approx(d, abs=1e-9), n
         si.load_sparsity(model, path)  # an already patched model that matches: checked, kept
     finally:
         si.unsparsify(model)
@@ -70,7 +76,7 @@ def test_save_load_identical_logits(model, saved, case):
 
 
 def test_file_contents(saved):
-    _cfg, _logits, path = saved["rsparse-search"]
+    _cfg, _logits, path, _hints = saved["rsparse-search"]
     doc = json.loads((path / "sparsity.json").read_text())
     assert doc["version"] == FORMAT_VERSION and doc["model"]["class"] == "LlamaForCausalLM"
     assert doc["method"] == "rsparse" and doc["budget_sparsity"] == 0.5
@@ -96,7 +102,7 @@ def _untouched(model):
 ])
 def test_wrong_model_is_rejected(saved, other, match):
     m = other()
-    _cfg, _logits, path = saved["rsparse-search"]
+    _cfg, _logits, path, _hints = saved["rsparse-search"]
     with pytest.raises(ValueError, match=match):
         si.load_sparsity(m, path)
     _untouched(m)
@@ -106,7 +112,7 @@ def test_wrong_model_is_rejected(saved, other, match):
 
 
 def test_config_mismatch_and_patched_mismatch(model, saved):
-    _cfg, _logits, path = saved["rsparse-search"]
+    _cfg, _logits, path, _hints = saved["rsparse-search"]
     with pytest.raises(ValueError, match="method='rsparse'"):
         load_calibration(model, path, SparsityConfig(method="topk", targets="all"))
     si.sparsify(model, SparsityConfig(method="rsparse", sparsity=0.5, targets="all"), progress=False)
@@ -116,7 +122,7 @@ def test_config_mismatch_and_patched_mismatch(model, saved):
     finally:
         si.unsparsify(model)
     # the same layers, k, rank and factors, but per-token masks where the file says shared
-    cfg, _logits, path = saved["rsparse-uniform-shared"]
+    cfg, _logits, path, _hints = saved["rsparse-uniform-shared"]
     si.sparsify(model, cfg.replace(mode="per_token"), calibration=path, progress=False)
     try:
         with pytest.raises(ValueError, match="patched differently .*mode"):
@@ -128,7 +134,7 @@ def test_config_mismatch_and_patched_mismatch(model, saved):
 def test_corrupted_and_unknown_version(model, saved, tmp_path):
     import shutil
 
-    _cfg, _logits, path = saved["gate"]
+    _cfg, _logits, path, _hints = saved["gate"]
     bad = tmp_path / "bad"
     shutil.copytree(path, bad)
     t = bad / "sparsity.safetensors"

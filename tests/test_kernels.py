@@ -173,6 +173,21 @@ def test_nan_propagation(kind, M, rank):
     assert rel_err(y[fin], yr[fin]) < 1e-5
 
 
+@pytest.mark.parametrize("M", [1, 3])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("density", [None, 0.2])
+def test_nan_threshold_keeps_its_channel(M, shared, density):
+    """A NaN in a per-channel threshold keeps that channel (score <= NaN is false), on every gating path:
+    in the matmul (one token), in the gate pass (several tokens) and in the compacting gate pass."""
+    g, x, w, b = make(M, 37, 53, torch.float32, seed=4)
+    t = torch.full((37,), 5.0, device=DEVICE)  # above every |x|: only the NaN channels stay active
+    t[[3, 30]] = float("nan")
+    gate = Gate(threshold=t, shared=shared, density=density)
+    mask = gate.mask(x)
+    assert mask.reshape(-1, 37)[:, [3, 30]].all() and mask.sum() == 2 * mask.reshape(-1, 37).shape[0]
+    assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, mask)) < 1e-5
+
+
 def test_dense_fallback(monkeypatch):
     monkeypatch.setattr(sm, "DENSE_FALLBACK_TOKENS", 2)
     monkeypatch.setattr(sm, "PER_TOKEN_FALLBACK_TOKENS", 1)
@@ -428,6 +443,25 @@ def test_rsparse_extremes(sparsity):
     assert rel_err(K.rsparse_linear(x, w, b, A0, B0, gate), ref_sparse(x, w, b, gate.mask(x))) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_single_k_split_keeps_bias(dtype, monkeypatch):
+    """in_features within one K block: SPLIT_K == 1, so the direct-store epilogue runs, not the split-K
+    read-back every other shape takes; it must add the bias too."""
+    from sparse_infer.kernels import _autotune as at
+    splits = []
+    split_k = at.split_k
+    monkeypatch.setattr(at, "split_k", lambda *a, **kw: splits.append(split_k(*a, **kw)[0]) or split_k(*a, **kw))
+    for M in (1, 3):
+        g, x, w, b = make(M, 20, 30, dtype, seed=M)
+        A, B = ref.lowrank_factors(w.float(), 4, dtype)
+        for kind in ("thresh", "topk"):
+            gate = make_gate(kind, x, 0.5, g)
+            assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[dtype]
+            y = K.rsparse_linear(x, w, b, A, B, gate)
+            assert rel_err(y, ref_rsparse(x, w, b, gate.mask(x), A, B)) < TOL[dtype]
+    assert splits and set(splits) == {1}
+
+
 # --------------------------------------------------------------------------- gating
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(1, 53), (4, 129), (2, 3, 200)])
@@ -445,7 +479,9 @@ def test_gates_equal_reference(dtype, shape):
     for k, s in [(0, None), (1, scale), (n // 3, None), (n // 3, scale), (n - 1, None), (n, scale)]:
         assert same(K.topk_gate(x, k, s), ref.topk_gate(x, k, s)), k
         assert torch.equal(K.topk_mask(x, k, s, shared=True), ref.shared_topk_mask(x, k, s)), k
-    for t, s in [(0.0, None), (0.7, scale), (torch.rand(n, generator=g).to(DEVICE), None)]:
+    t_nan = torch.rand(n, generator=g).to(DEVICE)
+    t_nan[[2, 5]] = float("nan")  # a NaN threshold keeps its channel (score <= NaN is false)
+    for t, s in [(0.0, None), (0.7, scale), (torch.rand(n, generator=g).to(DEVICE), None), (t_nan, scale)]:
         assert same(K.threshold_gate(x, t, s), ref.threshold_gate(x, t, s))
         assert torch.equal(K.threshold_mask(x, t, s, shared=True), ref.shared_threshold_mask(x, t, s))
 
@@ -496,6 +532,12 @@ def test_topk_streamed_rows(monkeypatch):
     for k in [1, 77, 299]:
         assert torch.equal(K.topk_mask(x, k), ref.topk_mask(x, k))
         assert torch.equal(K.topk_mask(x, k, shared=True), ref.shared_topk_mask(x, k))
+    # several chunks per row (the interpreter streams 1024 channels at a time), ties across chunks
+    x = rnd(g, 2, 2500).round(decimals=1)
+    x[:, 1500:2500] = x[:, :1000]
+    for k in [700, 1999]:
+        assert torch.equal(K.topk_mask(x, k), ref.topk_mask(x, k)), k
+    assert torch.equal(K.topk_mask(x, 700, shared=True), ref.shared_topk_mask(x, 700))
 
 
 @pytest.mark.parametrize("M", [1, 16])

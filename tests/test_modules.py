@@ -155,3 +155,10 @@ def test_triton_backend_with_gradients_runs_the_reference(kind):
         grads[backend] = torch.autograd.grad(out.square().sum(), [x, *params])
     for a, b in zip(grads["reference"], grads["triton"]):
         assert torch.equal(a, b)
+
+
+def test_k_for_density_rounds_to_the_nearest_channel():
+    from sparse_infer.modules import k_for_density
+
+    assert [k_for_density(4, d) for d in (0.0, 0.1, 0.124, 0.125, 0.5, 0.874, 0.9, 1.0)] == [0, 0, 0, 1, 2, 3, 4, 4]
+    assert k_for_density(10, -0.5) == 0 and k_for_density(10, 1.5) == 10

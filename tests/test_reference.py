@@ -68,7 +68,16 @@ def test_rsparse_full_rank_is_exact_and_rank0_is_sparse():
     A, B = ref.lowrank_factors(W, 5)
     assert torch.allclose(ref.rsparse_linear(x, W, None, mask, A, B), F.linear(x, W), atol=1e-10)
     A0, B0 = ref.lowrank_factors(W, 0)
-    assert torch.equal(ref.rsparse_linear(x, W, None, mask, A0, B0), ref.sparse_linear(x, W, None, mask))
+    b = torch.randn(7, dtype=torch.float64)
+    for bias in (None, b):  # rank 0 keeps the bias (biased q/k/v of Qwen2 reach it at s = 0)
+        assert torch.equal(ref.rsparse_linear(x, W, bias, mask, A0, B0), ref.sparse_linear(x, W, bias, mask))
+    assert torch.allclose(ref.rsparse_linear(x, W, b, mask, A, B), F.linear(x, W, b), atol=1e-10)
+
+
+def test_column_norms_are_euclidean_per_input_channel():
+    W = torch.tensor([[3.0, 0.0, -1.0], [4.0, 1.0, 0.0]], dtype=torch.bfloat16)
+    n = ref.column_norms(W)
+    assert n.dtype == torch.float32 and n.tolist() == [5.0, 1.0, 1.0]
 
 
 def test_lowrank_factors_shapes_and_error():

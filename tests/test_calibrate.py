@@ -344,3 +344,11 @@ def test_importance_thresholds_hit_their_density_before_refinement(model):
             assert m.target_density is not None and abs(m.measured_density - m.target_density) <= 0.02, name
     finally:
         si.unsparsify(model)
+
+
+def test_rank_at_reads_the_grid_point_of_a_sparsity():
+    """A sparsity maps to the grid point at or above it, robust to float error (0.58 * 100 = 57.999...)."""
+    curve = allocate.Curve(name="l", kind="linear", method="rsparse", in_features=8, out_features=8, dense=64.0,
+                           err=torch.zeros(allocate.FINE, dtype=torch.float64), rank=torch.arange(allocate.FINE),
+                           group="mlp", depth=0.0)
+    assert [curve.rank_at(s) for s in (0.0, 0.29, 0.5, 0.505, 0.58, 0.99)] == [0, 29, 50, 51, 58, 99]

@@ -202,3 +202,39 @@ def test_calibrate_rejects_bad_input_before_loading(tmp_path, capsys, argv, need
     rc = main(["calibrate", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "x"), *argv])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "could not load" not in err, err
+
+
+def test_every_eval_flag_reaches_the_settings(model_dir, text_file, tmp_path, monkeypatch):
+    """Each eval option lands in EvalSettings (a dropped one would be ignored silently)."""
+    import sparse_infer.evaluate as ev
+
+    seen = {}
+
+    class Stop(BaseException):  # stops before any work; main handles Exceptions and Ctrl-C, not this
+        pass
+
+    def fake_evaluate(model, settings=None, **kw):
+        seen["s"] = settings
+        raise Stop
+
+    monkeypatch.setattr(ev, "evaluate", fake_evaluate)
+    with pytest.raises(Stop):
+        main(["eval", "--model", model_dir, "--text-file", text_file, "--out", str(tmp_path / "r"), "--no-progress",
+              "--methods", "dense,topk", "--sparsities", "0.3", "--protocols", "decode", "--modes", "shared",
+              "--batch-sizes", "2", "--targets", "all", "--rsparse-allocation", "greedy", "--search-iterations", "3",
+              "--backend", "reference", "--window", "40", "--windows", "6", "--calib-windows", "3", "--seed", "7"])
+    s = seen["s"]
+    assert (tuple(s.methods), tuple(s.sparsities), tuple(s.protocols), tuple(s.modes), tuple(s.batch_sizes)) == (
+        ("dense", "topk"), (0.3,), ("decode",), ("shared",), (2,))
+    assert (s.targets, s.rsparse_allocation, s.search_iterations, s.backend) == ("all", "greedy", 3, "reference")
+    assert (s.window, s.windows, s.calib_windows, s.seed) == (40, 6, 3, 7)
+
+
+def test_calibrate_defaults_and_seed(model_dir, text_file, tmp_path, capsys):
+    """Without --allocation, top-k calibrates uniform (the search is R-Sparse's default only); --seed is kept."""
+    out = tmp_path / "cal.safetensors"
+    rc = main(["calibrate", "--model", model_dir, "--text-file", text_file, "--method", "topk", "--sparsity", "0.5",
+               "--samples", "2", "--seq-len", "32", "--seed", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["config"]["allocation"] == "uniform" and saved["config"]["seed"] == 3

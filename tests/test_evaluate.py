@@ -292,3 +292,31 @@ def test_weight_read_fraction_counts_every_linear():
     assert mods and not any(isinstance(m, SparseGatedMLP) for m in mods.values())
     saved = sum((m.in_features - m.k) * m.out_features for m in mods.values())
     assert weight_read_fraction(model) == pytest.approx((total - saved) / total, rel=1e-12)
+
+
+# --------------------------------------------------------------------------- report format and text handling
+def test_table_header_cells_and_csv_order(grid, tmp_path):
+    from sparse_infer.evaluate import ROW_FIELDS
+
+    lines = report.markdown_table(grid).splitlines()
+    assert lines[0] == ("| Method | Allocation | Target | Protocol | Measured sparsity | Weight bytes / token | PPL "
+                        "| KL to dense | Top-1 agree |")
+    na = next(line for line in lines if line.startswith("| gate |") and "n/a" in line)
+    assert [c.strip() for c in na.split("|")[-6:-1]] == ["n/a"] * 5
+    assert (report.format_value("sparsity", 0.5), report.format_value("target", 0.3),
+            report.format_value("top1", 0.125), report.format_value("kl", 0.1)) == ("50.0 %", "30 %", "12.5 %", "0.1000")
+    path = report.write_csv(grid, tmp_path / "t.csv")
+    with open(path, newline="") as f:
+        header = next(csv.reader(f))
+    assert header[:len(ROW_FIELDS)] == list(ROW_FIELDS)
+
+
+def test_text_split_and_crlf(tmp_path):
+    from sparse_infer import data
+
+    ev, cal, cut = data.split_tokens(torch.arange(100))
+    assert (len(ev), len(cal), cut) == (80, 20, 80) and ev[-1] == 79 and cal[0] == 80
+    p = tmp_path / "crlf.txt"
+    p.write_bytes(b"a\r\nb\r\n")
+    t = data.load_text(str(p))
+    assert t.text == "a\r\nb\r\n"  # CRLF endings are part of the tokens: read with newline=""

@@ -145,6 +145,13 @@ def test_shared(kind, M):
         t = threshold_for(gate_scores(x, wg, b[0], "gelu", shared=True), 0.6, M == 3, inter)
         gate = Gate(threshold=t, shared=True)
     out, _ = check(x, wg, wu, wd, "gelu", gate, b, dtype)
+    # (batch, steps, hidden): one mask per decode step, over the batch
+    x3 = torch.cat([x, x.flip(0) * 0.5]).reshape(2, M, hidden)
+    if kind == "threshold":
+        gate = Gate(threshold=threshold_for(gate_scores(x3, wg, b[0], "gelu", shared=True), 0.6, False, inter),
+                    shared=True)
+    out3, exp3 = check(x3, wg, wu, wd, "gelu", gate, b, dtype)
+    assert out3.shape == (2, M, hidden)
 
 
 @pytest.mark.parametrize("kind", ["topk", "threshold"])

@@ -140,6 +140,28 @@ def test_weight_layouts_and_noncontiguous_x(layout, M):
     yr = ref_sparse(x3, w, None, gate.mask(x3))
     assert y.shape == (2, M, 37)
     assert rel_err(y, yr) < TOL[dtype]
+    # 2-D inputs whose channels are strided (a transpose, every other column): read in place, not copied
+    for x2 in (rnd(g, 53, M, dtype=dtype).t(), rnd(g, M, 106, dtype=dtype)[:, ::2]):
+        gate = make_gate("thresh", x2, 0.5, g)
+        assert rel_err(K.sparse_linear(x2, w, b, gate), ref_sparse(x2, w, b, gate.mask(x2))) < TOL[dtype]
+        A, B = ref.lowrank_factors(w.float(), 4, dtype)
+        y = K.rsparse_linear(x2, w, b, A, B, gate)
+        assert rel_err(y, ref_rsparse(x2, w, b, gate.mask(x2), A, B)) < TOL[dtype]
+
+
+def test_even_n_only_when_n_fills_the_tiles(monkeypatch):
+    """EVEN_N drops the column bound on W loads: it must be off when N is not a multiple of BLOCK_N (the
+    interpreter cannot see the out-of-bounds reads, a GPU can)."""
+    seen = []
+    kern = sm._sparse_mm_kernel
+    monkeypatch.setattr(sm, "_sparse_mm_kernel", type("Spy", (), {
+        "__getitem__": lambda self, grid: (lambda *a, **kw: seen.append((a, kw)) or kern[grid](*a, **kw))})())
+    for out_f in (53, 64, 133, 256):
+        seen.clear()
+        g, x, w, b = make(1, 37, out_f, torch.float32)
+        K.sparse_linear(x, w, b, make_gate("thresh", x, 0.5, g))
+        (_, kw), = seen
+        assert kw["EVEN_N"] == (out_f % kw["BLOCK_N"] == 0), (out_f, kw["BLOCK_N"])
 
 
 @pytest.mark.parametrize("kind", ["thresh", "topk"])
@@ -186,6 +208,36 @@ def test_nan_threshold_keeps_its_channel(M, shared, density):
     mask = gate.mask(x)
     assert mask.reshape(-1, 37)[:, [3, 30]].all() and mask.sum() == 2 * mask.reshape(-1, 37).shape[0]
     assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, mask)) < 1e-5
+
+
+def test_rsparse_fallback_keeps_one_shared_mask_per_decode_step(monkeypatch):
+    """Above the cutoff the rank-aware op runs gate + dense matmuls: a shared gate over (batch, steps, in)
+    still takes one mask per step."""
+    monkeypatch.setattr(sm, "DENSE_FALLBACK_TOKENS", 2)
+    g = torch.Generator().manual_seed(6)
+    x = rnd(g, 6, 4, 37)
+    w = rnd(g, 53, 37, scale=37 ** -0.5)
+    b = rnd(g, 53)
+    A, B = ref.lowrank_factors(w, 5, torch.float32)
+    for gate in (Gate(k=12, shared=True), make_gate("thresh", x, 0.5, g, shared=True)):
+        mask = gate.mask(x)
+        assert mask.shape == (4, 37)
+        assert rel_err(K.rsparse_linear(x, w, b, A, B, gate), ref_rsparse(x, w, b, mask, A, B)) < 1e-5
+        assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, mask)) < 1e-5
+
+
+def test_launch_config_is_cached_per_token_count():
+    """The config cache must key on the token count: M = 16 tiles reused for one token (or the reverse)
+    is a slow launch that no result would reveal."""
+    from sparse_infer.kernels import _autotune as at
+    from sparse_infer import ops
+
+    for order in ((1, 3, 16), (16, 3, 1)):
+        at._CFG_CACHE.clear()
+        got = {M: at.matmul_config(M, 64, 64, torch.float32, torch.device(DEVICE)).BLOCK_M for M in order}
+        assert got[1] == 1 and got[3] >= 3 and got[16] >= 16, (order, got)
+    # backend "auto" serves CPU tensors with the reference even where the interpreter could run kernels
+    assert ops.resolve_backend("auto", torch.randn(2)) == "reference"
 
 
 def test_dense_fallback(monkeypatch):
@@ -596,6 +648,17 @@ def test_custom_ops(kind):
     wu, wd = w * 0.5, w.t().contiguous()  # an MLP 37 -> 53 -> 37, gated on silu(x Wg^T)
     y = _ops.gated_mlp_op(x, w, wu, wd, "silu", gate, b, None, None)
     assert rel_err(y, ref.gated_mlp(x, w, wu, wd, torch.nn.functional.silu, gate.mask, b, None, None)) < 1e-5
+    # the fake (meta) kernels give the shapes and dtypes torch.compile plans with
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx, fw, fb, fA, fB, fwu, fwd = (mode.from_tensor(t) for t in (x, w, b, A, B, wu, wd))
+        for f in (_ops.sparse_linear_op(fx, fw, fb, gate), _ops.rsparse_linear_op(fx, fw, fb, fA, fB, gate)):
+            assert f.shape == (3, 53) and f.dtype == x.dtype
+        f = _ops.gated_mlp_op(fx, fw, fwu, fwd, "silu", gate, fb, None, None)
+        assert f.shape == (3, 37) and f.dtype == x.dtype
+    # k = 0 (every channel off) goes through the ops like any other k
+    y = _ops.sparse_linear_op(x, w, b, Gate(k=0))
+    assert rel_err(y, b.expand(3, 53)) < 1e-6
 
 
 def test_torch_compile_no_graph_break():

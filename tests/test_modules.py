@@ -162,3 +162,15 @@ def test_k_for_density_rounds_to_the_nearest_channel():
 
     assert [k_for_density(4, d) for d in (0.0, 0.1, 0.124, 0.125, 0.5, 0.874, 0.9, 1.0)] == [0, 0, 0, 1, 2, 3, 4, 4]
     assert k_for_density(10, -0.5) == 0 and k_for_density(10, 1.5) == 10
+
+
+@pytest.mark.parametrize("cls,kw", [(SparseLinear, dict(k=20)), (RSparseLinear, dict(k=20, rank=3))])
+def test_assign_loaded_parameters_go_back_with_to_linear(linear, cls, kw):
+    """`load_state_dict(..., assign=True)` puts new Parameters on the module: to_linear hands those back."""
+    m = cls.from_linear(linear, **kw)
+    other = nn.Linear(37, 23, bias=True)
+    m.load_state_dict(other.state_dict(), assign=True)
+    back = m.to_linear()
+    assert back.weight is m.weight and back.bias is m.bias
+    x = torch.randn(4, 37)
+    torch.testing.assert_close(back(x), other(x), rtol=0, atol=0)

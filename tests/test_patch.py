@@ -54,6 +54,21 @@ def test_every_family_every_method(family_model):
     assert not si.sparse_modules(model)
 
 
+def test_each_family_is_found_by_its_own_entry(family_model):
+    family, model = family_model
+    from sparse_infer.patch import find_family
+
+    found = find_family(model)
+    assert family in found.model_types and found.name != "generic gate/up/down decoder"
+
+
+def test_shared_threshold_needs_no_calibration():
+    """Shared masks rank channels per decode step (top-k on the step's RMS), so no thresholds to calibrate."""
+    model = tiny_model("llama")
+    si.sparsify(model, SparsityConfig(method="threshold", sparsity=0.5, mode="shared"), progress=False)
+    assert si.sparse_modules(model)
+
+
 @torch.no_grad()
 def test_generate_batch2_with_padding(family_model):
     family, model = family_model
@@ -135,6 +150,10 @@ def test_unsupported_model_names_class_and_families():
         ({"seed": 1.5}, "seed must be an int"),
         ({"version": True}, "version must be an int"),
         ({"rank_fraction": "0.3"}, r"rank_fraction must be a number in \[0, 1\)"),
+        ({"method": "rsparse", "rank_fraction": 1.0}, r"rank_fraction must be a number in \[0, 1\)"),
+        ({"method": "gate", "sparsity": 2 / 3}, "at most 66.7%"),
+        ({"dense_prefill_above": 0}, "dense_prefill_above must be None or a positive token count"),
+        ({"dense_prefill_above": True}, "dense_prefill_above must be None or a positive token count"),
     ],
 )
 def test_bad_config_is_rejected(kwargs, match):

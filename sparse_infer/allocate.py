@@ -221,7 +221,7 @@ def error_curves(model: nn.Module, stats, config: SparsityConfig, *, progress: b
            "activation" if act else "svd")
     if key in stats.cache:
         return stats.cache[key]
-    family = find_family(model)
+    family = find_family(model, config.targets)
     targets = _targets(model, family, config)
     depth = _depths([t[0] for t in targets])
     fine_s = torch.arange(FINE, dtype=torch.float64) / FINE

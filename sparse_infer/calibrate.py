@@ -235,11 +235,11 @@ def collect_stats(model: nn.Module, data, config: SparsityConfig, *, tokenizer=N
     of ``seq_len`` (512) tokens from the calibration tail of WikiText-2
     (`default_calibration_data`, never read by the evaluation).
     """
-    from .patch import _targets, decoder_layers, find_family, sparse_modules
+    from .patch import _targets, check_gated_mlp, decoder_layers, find_family, sparse_modules
 
     if sparse_modules(model):
         raise ValueError("calibrate needs the dense model, and this one is already sparsified: call sparse_infer.unsparsify(model) first")
-    family = find_family(model)
+    family = find_family(model, config.targets)
     if data is None:
         if tokenizer is None:
             raise ValueError("calibration data is None: pass token-id tensors, or tokenizer=... to use the default calibration text")
@@ -255,6 +255,7 @@ def collect_stats(model: nn.Module, data, config: SparsityConfig, *, tokenizer=N
     scales: Dict[str, torch.Tensor] = {}
     for name, _parent, _attr, module, kind in targets:
         if kind == "mlp":
+            check_gated_mlp(name, module, family)
             g = getattr(module, family.mlp_linears[0])
             layers[name] = LayerStats(name, kind, g.in_features, g.out_features, g.out_features,
                                       torch.zeros(BINS, dtype=torch.float64), None)
@@ -528,7 +529,7 @@ def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool 
             )
         from .patch import _targets, find_family
 
-        names = [t[0] for t in _targets(model, find_family(model), config)]
+        names = [t[0] for t in _targets(model, find_family(model, config.targets), config)]
         if names != list(stats.layers):
             raise ValueError("these calibration statistics were collected on another model (layer names differ): calibrate again from token ids")
     else:

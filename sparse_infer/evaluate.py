@@ -44,7 +44,7 @@ from . import __version__
 from . import data as textdata
 from .config import GATE_MAX_SPARSITY, METHODS, SparsityConfig, _check_sparsity
 from .modules import SparseGatedMLP
-from .patch import find_family, sparse_modules, sparsify, unsparsify
+from .patch import check_gated_mlp, decoder_layers, find_family, sparse_modules, sparsify, unsparsify
 
 __all__ = ["evaluate", "perplexity", "EvalError", "EvalSettings", "DEFAULT_METHODS", "DEFAULT_SPARSITIES", "PROTOCOLS", "EVAL_MODES", "ROW_FIELDS"]
 
@@ -428,13 +428,22 @@ def evaluate(
     text = textdata.load_text(text_file)  # FileNotFoundError with the resolution order
     lm, tok, model_name = _load(model, tokenizer, dtype, device, progress)
     try:
-        family = find_family(lm)
+        family = find_family(lm, s.targets)
     except ValueError as e:
         raise EvalError(str(e)) from None
     if sparse_modules(lm):
         raise EvalError("the model is already sparsified: evaluate the dense model (sparse_infer.unsparsify(model))")
     log(f"model {model_name} ({family.name}, {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters) on {device}, "
         f"loaded in {time.time() - t_start:.1f} s")
+    gate_na = None  # method 'gate' serves plain gated MLPs only: on others its rows are n/a, the rest still runs
+    for i, layer in enumerate(decoder_layers(lm) if "gate" in s.methods else ()):
+        mlp = getattr(layer, family.mlp_attr)
+        try:
+            check_gated_mlp(f"layer {i} {family.mlp_attr}", mlp, family)
+        except ValueError as e:
+            gate_na = f"n/a: {type(mlp).__name__} is not down(act(gate(x)) * up(x))"
+            log(f"gate: {e}")
+            break
 
     ids = textdata.tokenize(text.text, tok)
     eval_ids, calib_ids, _ = textdata.split_tokens(ids)
@@ -490,11 +499,12 @@ def evaluate(
 
     try:
         for method, sp, runs in jobs:
-            if method == "gate" and sp >= GATE_MAX_SPARSITY:
+            if method == "gate" and (gate_na or sp >= GATE_MAX_SPARSITY):
                 for mode, b in runs:
                     for protocol in s.protocols:
-                        row(method, sp, mode, b, protocol, status=f"n/a: gate reaches at most {GATE_MAX_SPARSITY:.1%}")
-                log(f"gate @ {sp:.0%}: n/a (CATS reads all of gate_proj: at most {GATE_MAX_SPARSITY:.1%} over the MLP)")
+                        row(method, sp, mode, b, protocol, status=gate_na or f"n/a: gate reaches at most {GATE_MAX_SPARSITY:.1%}")
+                if not gate_na:
+                    log(f"gate @ {sp:.0%}: n/a (CATS reads all of gate_proj: at most {GATE_MAX_SPARSITY:.1%} over the MLP)")
                 continue
             t0 = time.time()
             cal = None

@@ -93,7 +93,7 @@ def _target_shapes(model: nn.Module, config: SparsityConfig) -> Dict[str, dict]:
     from .modules import SparseGatedMLP
     from .patch import _targets, find_family
 
-    family = find_family(model)
+    family = find_family(model, config.targets)
     out = {}
     for name, _p, _a, module, kind in _targets(model, family, config):
         if isinstance(module, SparseGatedMLP) or kind == "mlp":

@@ -2,8 +2,9 @@
 
 Model families are small registry entries (`Family`): which attribute of a
 decoder layer holds the MLP and attention, and what their linears are called.
-Any decoder whose layers have ``mlp.gate_proj/up_proj/down_proj`` and
-``self_attn.q_proj/k_proj/v_proj/o_proj`` is served by the generic entry.
+Any decoder whose layers have ``mlp.gate_proj/up_proj/down_proj`` (and
+``self_attn.q_proj/k_proj/v_proj/o_proj`` when attention is patched) is served
+by the generic entry.
 
 Everything is validated and planned before the first module is replaced, so
 bad input raises and leaves the model untouched.
@@ -23,10 +24,10 @@ from tqdm.auto import tqdm
 
 from . import ops
 from . import reference as ref
-from .config import SparsityConfig
+from .config import TARGETS, SparsityConfig
 from .modules import RSparseLinear, SparseGatedMLP, SparseLinear, k_for_density
 
-__all__ = ["Family", "FAMILIES", "register_family", "find_family", "sparsify", "unsparsify", "plan_layers", "LayerPlan", "sparse_modules", "model_sparsity"]
+__all__ = ["Family", "FAMILIES", "register_family", "find_family", "check_gated_mlp", "sparsify", "unsparsify", "plan_layers", "LayerPlan", "sparse_modules", "model_sparsity"]
 
 CONFIG_KEY = "sparse_infer"  # namespaced, versioned entry in model.config
 
@@ -62,7 +63,8 @@ def register_family(family: Family) -> None:
 
 def supported_families() -> str:
     names = ", ".join(f.name for f in FAMILIES)
-    return f"{names}, and any decoder whose layers have mlp.gate_proj/up_proj/down_proj and self_attn.q_proj/k_proj/v_proj/o_proj"
+    return (f"{names}, and any decoder whose layers have mlp.gate_proj/up_proj/down_proj "
+            "(and self_attn.q_proj/k_proj/v_proj/o_proj where attention is patched)")
 
 
 def decoder_layers(model: nn.Module) -> Optional[nn.ModuleList]:
@@ -76,7 +78,9 @@ def decoder_layers(model: nn.Module) -> Optional[nn.ModuleList]:
     prefix = getattr(model, "base_model_prefix", None)
     if prefix:
         candidates.append(getattr(model, prefix, None))
-    candidates.append(model)
+    # wrappers whose base_model_prefix names no attribute of theirs (Mllama: "language_model" on a
+    # causal LM that holds `model`) still keep the decoder at the conventional `model`
+    candidates += [getattr(model, "model", None), model]
     for c in candidates:
         layers = getattr(c, "layers", None)
         if isinstance(layers, nn.ModuleList) and len(layers) > 0:
@@ -92,22 +96,31 @@ def _has_linears(layer: nn.Module, attr: str, names) -> bool:
     return parent is not None and all(isinstance(getattr(parent, n, None), (nn.Linear, SparseLinear)) for n in names)
 
 
-def find_family(model: nn.Module) -> Family:
-    """The registry entry that serves ``model``; a ValueError naming the supported families otherwise."""
+def find_family(model: nn.Module, targets: str = "all") -> Family:
+    """The registry entry that serves ``model``; a ValueError naming the supported families otherwise.
+
+    Every layer needs a gate/up/down MLP; its q/k/v/o attention linears are needed only when
+    ``targets`` patches attention ("attn" or "all"), so decoders with other attention layers
+    (linear attention, MLA) can still have their MLPs patched.
+    """
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {TARGETS}, got {targets!r}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     layers = decoder_layers(model)
     family = next((f for f in FAMILIES if model_type in f.model_types), None)
-    why = ""
+    why = " (no list of decoder layers found under the model)"
     if layers is not None:
         fam = family or GENERIC
+        why = ""
         for i, layer in enumerate(layers):  # every layer: mixed dense/MoE decoders differ after the first
             mlp = getattr(layer, fam.mlp_attr, None)
             if not (_has_linears(layer, fam.mlp_attr, fam.mlp_linears) or isinstance(mlp, SparseGatedMLP)):
                 why = f" (layer {i}: its {fam.mlp_attr} is a {type(mlp).__name__}, not {'/'.join(fam.mlp_linears)} linears)"
                 break
-            if not _has_linears(layer, fam.attn_attr, fam.attn_linears):
+            if targets != "mlp" and not _has_linears(layer, fam.attn_attr, fam.attn_linears):
                 attn = type(getattr(layer, fam.attn_attr, None)).__name__
-                why = f" (layer {i}: its {fam.attn_attr} is a {attn}, not {'/'.join(fam.attn_linears)} linears)"
+                why = (f" (layer {i}: its {fam.attn_attr} is a {attn}, not {'/'.join(fam.attn_linears)} linears; "
+                       "targets='mlp' patches its MLPs only)")
                 break
         else:
             return fam
@@ -115,6 +128,43 @@ def find_family(model: nn.Module) -> Family:
         f"{type(model).__name__} (model_type={model_type!r}) is not supported by sparse-infer{why}: "
         f"supported are {supported_families()}."
     )
+
+
+def check_gated_mlp(name: str, mlp: nn.Module, family: Family) -> None:
+    """Method 'gate' replaces a whole MLP by ``down(act(gate(x)) * up(x))``: an MLP that computes
+    anything else (a norm inside it, its own activation sparsity, extra weights) would change
+    silently, so it is refused here, before anything is replaced.  Probed on random input."""
+    if isinstance(mlp, SparseGatedMLP):
+        return
+    fix = ("method 'gate' replaces the whole MLP by down(act(gate(x)) * up(x)); use method 'topk', "
+           "'threshold' or 'rsparse', which replace single linears and keep the MLP's own forward")
+    g, u, d = (getattr(mlp, n) for n in family.mlp_linears)
+    act = getattr(mlp, "act_fn", None)
+    if act is None:
+        raise ValueError(f"{name} ({type(mlp).__name__}) has no act_fn: {fix}")
+    kept = tuple(f"{n}." for n in (*family.mlp_linears, "act_fn"))
+    extra = [k for k in mlp.state_dict() if not k.startswith(kept)]
+    if extra:
+        raise ValueError(f"{name} ({type(mlp).__name__}) also holds {extra[:3]}, which would be dropped: {fix}")
+    w = g.weight
+    x = torch.randn(1, 4, g.in_features, generator=torch.Generator().manual_seed(0), dtype=torch.float32)
+    x = x.to(w.device, w.dtype)
+    modes = [(m, m.training) for m in mlp.modules()]
+    mlp.eval()  # dropout inside an MLP in training mode is not part of what it computes
+    try:
+        with torch.no_grad():
+            want = mlp(x)
+            got = d(act(g(x)) * u(x))
+        err = float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-30))
+    except Exception as e:  # an MLP whose forward takes other arguments
+        raise ValueError(f"{name} ({type(mlp).__name__}) cannot be probed with one input ({type(e).__name__}: {e}): {fix}") from None
+    finally:
+        for m, training in modes:
+            m.training = training
+    tol = 1e-4 if w.dtype in (torch.float32, torch.float64) else 2e-2
+    if not err <= tol:
+        raise ValueError(f"{name} ({type(mlp).__name__}) computes something other than down(act(gate(x)) * up(x)) "
+                         f"(relative difference {err:.2g} on a probe): {fix}")
 
 
 @dataclass
@@ -183,8 +233,11 @@ def _check_calibrated(name: str, calib: dict, width: int, out_f: Optional[int]) 
 
 def plan_layers(model: nn.Module, config: SparsityConfig, calibration=None, family: Optional[Family] = None) -> List[LayerPlan]:
     """Decide k / threshold / rank for every target module, validating all of it; replaces nothing."""
-    family = family or find_family(model)
+    family = family or find_family(model, config.targets)
     targets = _targets(model, family, config)
+    for name, _parent, _attr, module, kind in targets:
+        if kind == "mlp":
+            check_gated_mlp(name, module, family)
     names = [t[0] for t in targets]
     for pattern in config.overrides:  # a typo in a pattern would otherwise change nothing, silently
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -350,7 +403,7 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, calibrat
         raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
     if any(isinstance(m, (SparseLinear, SparseGatedMLP)) for m in model.modules()):
         raise ValueError("this model is already sparsified; call sparse_infer.unsparsify(model) first")
-    family = find_family(model)
+    family = find_family(model, config.targets)
     _check_backend(model, config)
     calibration = _resolve_calibration(model, config, calibration, progress)
     plans = plan_layers(model, config, calibration, family)

@@ -98,6 +98,19 @@ def test_scored_tokens(grid):
             assert r["n_tokens"] == (n_all if r["protocol"] == "all" else n_decode)
 
 
+def test_gate_rows_are_na_on_an_mlp_gate_cannot_serve(text_file):
+    """An MLP that is more than down(act(gate(x)) * up(x)): gate's rows are n/a, the other methods still run."""
+    model = tiny_model("llama", vocab_size=256)
+    mlp = model.model.layers[0].mlp
+    mlp.sub_norm = torch.nn.LayerNorm(mlp.gate_proj.out_features)  # now part of its state, which gate would drop
+    rows = evaluate(model, tokenizer=ByteTokenizer(), text_file=text_file, progress=False, methods=("dense", "topk", "gate"),
+                    sparsities=(0.3,), window=32, windows=2, calib_windows=1, search_iterations=3, calib_quick=True)
+    status = {r["method"]: r["status"] for r in rows}
+    assert status["dense"] == status["topk"] == "ok"
+    assert status["gate"] == "n/a: LlamaMLP is not down(act(gate(x)) * up(x))"
+    assert not any(isinstance(m, torch.nn.Module) and type(m).__name__.startswith("Sparse") for m in model.modules())
+
+
 def test_topk_at_zero_sparsity_equals_dense(text_file):
     rows = run(text_file, methods=("dense", "topk"), sparsities=(0.0,))
     dense, topk = rows

@@ -295,3 +295,156 @@ def test_mixture_of_experts_layers_are_named_in_the_error():
     with pytest.raises(ValueError, match=r"layer 1: its mlp is a Qwen2MoeSparseMoeBlock.*supported are Llama"):
         si.sparsify(model, SparsityConfig())
     assert not si.sparse_modules(model)
+
+
+class _NormedMLP(nn.Module):
+    """BitNet's shape: a norm between the gated product and down_proj."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.sub_norm = nn.LayerNorm(mlp.gate_proj.out_features)
+
+    def forward(self, x):
+        return self.down_proj(self.sub_norm(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+class _SelfSparseMLP(nn.Module):
+    """Gemma 3n's shape: the MLP gates its own activation (no extra weights to give it away)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+
+    def forward(self, x):
+        g = self.gate_proj(x)
+        g = torch.where(g > g.mean(-1, keepdim=True), g, torch.zeros_like(g))
+        return self.down_proj(self.act_fn(g) * self.up_proj(x))
+
+
+class _DropoutMLP(nn.Module):
+    """Seed-OSS's shape: dropout on the product, inactive in eval mode."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = mlp.gate_proj, mlp.up_proj, mlp.down_proj, mlp.act_fn
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.down_proj(self.dropout(self.act_fn(self.gate_proj(x)) * self.up_proj(x)))
+
+
+def _with_mlp(wrap, layer=1):
+    model = tiny_model("llama", num_hidden_layers=2)
+    mlp = model.model.layers[layer].mlp
+    model.model.layers[layer].mlp = wrap(mlp)
+    return model
+
+
+@pytest.mark.parametrize("wrap,match", [
+    (_NormedMLP, r"layers\.1\.mlp \(_NormedMLP\) also holds \['sub_norm\.weight', 'sub_norm\.bias'\]"),
+    (_SelfSparseMLP, r"layers\.1\.mlp \(_SelfSparseMLP\) computes something other than down\(act\(gate\(x\)\) \* up\(x\)\)"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_refuses_an_mlp_it_would_change_and_leaves_the_model_untouched(wrap, match, dtype):
+    """Method 'gate' swaps the whole MLP for its own formula: an MLP that computes more would change silently."""
+    model = _with_mlp(wrap).to(dtype)
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+    keys = list(model.state_dict())
+    with pytest.raises(ValueError, match=match + r".*use method 'topk', 'threshold' or 'rsparse'"):
+        si.sparsify(model, SparsityConfig(method="gate", sparsity=0.3), progress=False)
+    assert not si.sparse_modules(model) and list(model.state_dict()) == keys
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+    with pytest.raises(ValueError, match=match):  # calibration for gate refuses it before its pass, too
+        si.calibrate(model, [_ids(seed=1)], SparsityConfig(method="gate", sparsity=0.3, allocation="uniform"), progress=False)
+    # the per-linear methods keep the MLP's own forward: exact at sparsity 0
+    si.sparsify(model, SparsityConfig(method="topk", sparsity=0.0), progress=False)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, dense)
+
+
+def test_gate_accepts_a_gated_mlp_with_dropout_and_keeps_its_training_mode():
+    model = _with_mlp(_DropoutMLP)
+    model.model.layers[1].mlp.train()
+    ids = _ids()
+    si.sparsify(model, SparsityConfig(method="gate", sparsity=0.0), progress=False)
+    assert isinstance(model.model.layers[1].mlp, si.SparseGatedMLP)
+    si.unsparsify(model)
+    mlp = model.model.layers[1].mlp
+    assert isinstance(mlp, _DropoutMLP) and mlp.training and mlp.dropout.training
+    model.eval()
+    with torch.no_grad():
+        dense = model(ids).logits
+        si.sparsify(model, SparsityConfig(method="gate", sparsity=0.0), progress=False)
+        assert torch.allclose(model(ids).logits, dense, atol=1e-5)
+
+
+class _LinearAttention(nn.Module):
+    """A layer's attention that is not q/k/v/o linears (a stand-in for linear attention or MLA)."""
+
+    def __init__(self, attn):
+        super().__init__()
+        self.inner = attn
+        self.in_proj_qkvz = nn.Linear(4, 4)
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_mlp_targets_need_no_qkvo_attention():
+    """Hybrid decoders (linear-attention layers, MLA) keep gate/up/down MLPs: targets='mlp' patches them."""
+    from sparse_infer.patch import find_family
+
+    model = _with_mlp(lambda m: m)
+    model.model.layers[0].self_attn = _LinearAttention(model.model.layers[0].self_attn)
+    ids = _ids()
+    with torch.no_grad():
+        dense = model(ids).logits
+    with pytest.raises(ValueError, match=r"layer 0: its self_attn is a _LinearAttention.*targets='mlp' patches its MLPs only"):
+        si.sparsify(model, SparsityConfig(targets="all"), progress=False)
+    assert not si.sparse_modules(model)
+    assert find_family(model, "mlp").name == "Llama"
+    for method in ("topk", "gate"):
+        si.sparsify(model, SparsityConfig(method=method, sparsity=0.0, targets="mlp"), progress=False)
+        assert len(si.sparse_modules(model)) == (6 if method == "topk" else 2)
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, dense, atol=1e-5)
+        si.unsparsify(model)
+    with pytest.raises(ValueError, match="targets must be one of"):
+        find_family(model, "lm_head")
+
+
+class _PrefixElsewhere(nn.Module):
+    """Mllama's causal LM: base_model_prefix names no attribute; the decoder is at `model`."""
+
+    base_model_prefix = "language_model"
+
+    def __init__(self, inner):
+        super().__init__()
+        self.model = inner.model
+        self.lm_head = inner.lm_head
+        self.config = inner.config
+
+    def get_decoder(self):
+        return self
+
+    def forward(self, ids):
+        return self.lm_head(self.model(ids).last_hidden_state)
+
+
+def test_decoder_layers_found_at_model_when_the_prefix_names_nothing():
+    from sparse_infer.patch import decoder_layers
+
+    inner = tiny_model("llama")
+    model = _PrefixElsewhere(inner)
+    assert decoder_layers(model) is inner.model.layers
+    si.sparsify(model, SparsityConfig(), progress=False)
+    assert len(si.sparse_modules(model)) == 3 * len(inner.model.layers)
+
+
+def test_no_layer_list_is_said_in_the_error():
+    with pytest.raises(ValueError, match=r"_NotADecoder .*\(no list of decoder layers found under the model\)"):
+        si.sparsify(_NotADecoder(), SparsityConfig())

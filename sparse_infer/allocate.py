@@ -196,12 +196,12 @@ def _interp(coarse_s: torch.Tensor, coarse_err: torch.Tensor, fine_s: torch.Tens
     return e0 + w * (e1 - e0)
 
 
-@torch.no_grad()
 def default_gating(config: SparsityConfig) -> str:
     """Top-k for the topk method; calibrated thresholds (TEAL / R-Sparse) for the others."""
     return "topk" if config.method == "topk" else "threshold"
 
 
+@torch.no_grad()
 def error_curves(model: nn.Module, stats, config: SparsityConfig, *, progress: bool = True,
                  gating: Optional[str] = None) -> List[Curve]:
     """Per-layer error curves (cached in ``stats.cache``: computed once per method).

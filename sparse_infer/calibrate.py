@@ -135,6 +135,21 @@ class CalibrationStats:
     refine_inputs: List[torch.Tensor] = field(default_factory=list)  # a few sequences for the threshold refinement
     key: tuple = ()  # (targets, gate-kind, per_channel, importance) the stats were collected for
     cache: dict = field(default_factory=dict, repr=False)  # error tables / SVDs, reused across levels
+    weights: Dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # name -> weight_probe at collection
+
+
+def weight_probe(module: nn.Module) -> torch.Tensor:
+    """Shapes and 64 evenly spaced values of every weight a target module holds, float64.
+
+    Statistics (and the SVDs cached with them) are only valid for the weights they were
+    collected on; this tells two checkpoints of one architecture apart, cheaply.
+    """
+    parts = []
+    for p in module.parameters():
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), 64).round().long().to(flat.device)
+        parts += [torch.tensor(p.shape, dtype=torch.float64), flat[idx].double().cpu() if flat.numel() else flat.double().cpu()]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
 
 
 def _log_abs(x: torch.Tensor) -> torch.Tensor:
@@ -395,7 +410,8 @@ def collect_stats(model: nn.Module, data, config: SparsityConfig, *, tokenizer=N
         "split": data_meta or {"source": "caller-supplied token ids (not split by sparse-infer)"},
     }
     meta["refine_tokens"] = refine_kept
-    return CalibrationStats(layers, meta, kl_inputs, kl_dense, refine_inputs, _stats_key(config))
+    weights = {name: weight_probe(module) for name, _parent, _attr, module, _kind in targets}
+    return CalibrationStats(layers, meta, kl_inputs, kl_dense, refine_inputs, _stats_key(config), weights=weights)
 
 
 # --------------------------------------------------------------------------- calibration
@@ -529,9 +545,13 @@ def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool 
             )
         from .patch import _targets, find_family
 
-        names = [t[0] for t in _targets(model, find_family(model, config.targets), config)]
-        if names != list(stats.layers):
+        targets = _targets(model, find_family(model, config.targets), config)
+        if [t[0] for t in targets] != list(stats.layers):
             raise ValueError("these calibration statistics were collected on another model (layer names differ): calibrate again from token ids")
+        for name, _parent, _attr, module, _kind in targets:
+            if name not in stats.weights or not torch.equal(weight_probe(module), stats.weights[name]):
+                raise ValueError(f"these calibration statistics were collected on other weights ({name} differs: another "
+                                 "checkpoint, or the model was changed or cast since): calibrate again from token ids")
     else:
         stats = collect_stats(model, data, config, tokenizer=tokenizer, progress=progress, reservoir=reservoir,
                               kl_samples=kl_samples, kl_tokens=kl_tokens, seq_len=seq_len, num_samples=num_samples,

@@ -21,10 +21,8 @@ import datetime as _dt
 import itertools
 import math
 import os
-import platform
 import shlex
 import sys
-from typing import Optional
 
 import torch
 
@@ -42,10 +40,12 @@ SPARSITIES = (0.0, 0.25, 0.5, 0.7, 0.9)
 TOKENS = (1, 4, 16)
 DTYPES = ("bf16", "fp16")
 CSV_FIELDS = [
-    "model", "proj", "in_features", "out_features", "M", "dtype", "kernel", "sparsity", "active", "rank",
+    "model", "proj", "in_features", "out_features", "M", "dtype", "kernel", "variant", "sparsity", "active", "rank",
     "dense_us", "kernel_us", "speedup", "bytes", "gbps", "pct_copy_bw", "graph_dense_us", "graph_kernel_us",
-    "gpu", "torch", "triton", "timestamp", "command",
+    "graph_speedup", "rel_err", "status", "copy_gbps", "gpu", "torch", "triton", "timestamp", "command",
 ]
+MAX_REL_ERR = 2e-2  # bf16/fp16 against the fp32 reference: a row above it is marked WRONG, not a result
+L2_BYTES = 50 * 2**20  # H100 L2; each rotation reads >= 4x this, so L2 cannot serve the weights
 
 
 def projections(model: str):
@@ -126,8 +126,27 @@ def _fmt(v, nd=1):
     return str(v)
 
 
+def _bandwidth(row: dict, copy_gbps: float) -> None:
+    """GB/s and % of the copy bandwidth over the bytes the call needs, from the CUDA-graph time where
+    measured (eager do_bench times of one launch include the host's launch overhead: stop-8 M=1 rows read
+    77.6 us eager for a 28.6 us kernel), else from the eager time."""
+    us = row.get("graph_kernel_us") or row.get("kernel_us")
+    if us and row.get("bytes") is not None:
+        row["gbps"] = row["bytes"] / us / 1e3
+        row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
+    if row.get("graph_kernel_us"):
+        row["graph_speedup"] = row["graph_dense_us"] / row["graph_kernel_us"]
+
+
+def _status(err: float) -> str:
+    return "ok" if err < MAX_REL_ERR else f"WRONG: rel err {err:.2g} >= {MAX_REL_ERR:g}"
+
+
 def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
-    """Write ``kernels.csv`` (all fields) and ``kernels.md`` (a table) under ``out_dir``; returns the paths."""
+    """Write ``kernels.csv`` (all fields, every row) and ``kernels.md`` under ``out_dir``; returns the paths.
+
+    The markdown's first table holds the default rows (what the modules run); rows with a ``variant``
+    other than "default" (launch-config alternatives of ``--final``) go to a second table."""
     os.makedirs(out_dir, exist_ok=True)
     csv_path = os.path.join(out_dir, "kernels.csv")
     md_path = os.path.join(out_dir, "kernels.md")
@@ -137,24 +156,42 @@ def write_results(rows: list[dict], out_dir: str) -> tuple[str, str]:
         for r in rows:
             w.writerow({k: r.get(k, "") for k in CSV_FIELDS})
     meta = rows[0] if rows else {}
+    main = [r for r in rows if r.get("variant", "default") == "default"]
+    variants = [r for r in rows if r.get("variant", "default") != "default"]
     lines = [
         "# sparse-infer kernel benchmark", "",
         f"GPU: {meta.get('gpu', '?')} | torch {meta.get('torch', '?')} | triton {meta.get('triton', '?')} | "
         f"{meta.get('timestamp', '?')} | copy bandwidth {_fmt(meta.get('copy_gbps'), 0)} GB/s", "",
         f"Command: `{meta.get('command', '?')}`", "",
         "Eager: triton.testing.do_bench median (L2 flushed, includes Python launch overhead when it exceeds the "
-        "flush); graph: do_bench_cudagraph median (weights rotated).  GB/s and % copy BW from the eager time.", "",
+        "flush); graph: do_bench_cudagraph median (weights rotated).  GB/s and % copy BW from the graph time where "
+        f"measured, else the eager time.  Status: output against the fp32 reference (relative error < {MAX_REL_ERR:g}).",
+        "",
         "| model | proj | in→out | M | dtype | kernel | sparsity | rank | dense µs | kernel µs | speedup | GB/s "
-        "| % copy BW | graph dense µs | graph kernel µs | graph speedup |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| % copy BW | graph dense µs | graph kernel µs | graph speedup | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
+    for r in main:
         lines.append(
             f"| {r['model']} | {r['proj']} | {r['in_features']}→{r['out_features']} | {r['M']} | {r['dtype']} | "
             f"{r['kernel']} | {_fmt(r['sparsity'], 2)} | {r.get('rank', 0)} | {_fmt(r.get('dense_us'))} | "
             f"{_fmt(r.get('kernel_us'))} | {_fmt(r.get('speedup'), 2)} | {_fmt(r.get('gbps'), 0)} | "
             f"{_fmt(r.get('pct_copy_bw'), 0)} | {_fmt(r.get('graph_dense_us'))} | {_fmt(r.get('graph_kernel_us'))} | "
-            f"{_fmt(r['graph_dense_us'] / r['graph_kernel_us'], 2) if r.get('graph_kernel_us') else ''} |")
+            f"{_fmt(r['graph_dense_us'] / r['graph_kernel_us'], 2) if r.get('graph_kernel_us') else ''} | "
+            f"{r.get('status', '')} |")
+    if variants:
+        lines += ["", "## Launch-config variants (CUDA-graph time; same inputs as the default row above them)", "",
+                  "| in→out | M | kernel | sparsity | variant | graph dense µs | graph kernel µs | graph speedup | GB/s "
+                  "| % copy BW | rel. err | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in variants:
+            err = "" if r.get("rel_err") is None else f"{r['rel_err']:.1e}"
+            lines.append(
+                f"| {r['in_features']}→{r['out_features']} | {r['M']} | {r['kernel']} | {_fmt(r['sparsity'], 2)} | "
+                f"{r['variant']} | {_fmt(r.get('graph_dense_us'))} | {_fmt(r.get('graph_kernel_us'))} | "
+                f"{_fmt(r.get('graph_speedup'), 2)} | {_fmt(r.get('gbps'), 0)} | {_fmt(r.get('pct_copy_bw'), 0)} | "
+                f"{err} | "
+                f"{r.get('status', '')} |")
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return md_path, csv_path
@@ -175,19 +212,27 @@ def copy_bandwidth_gbps() -> float:
     return 2 * n / (ms * 1e-3) / 1e9
 
 
+def _copies(case, elt: int, max_bytes: float = 12 * 2**30) -> int:
+    """Weight copies to rotate: enough that the bytes one pass over them reads exceed 4x the L2 (a
+    fixed cap of 16 left small or very sparse layers' rotations L2-resident), within ``max_bytes`` of
+    weights (each copy is held twice: kernel layout and F.linear's row-major)."""
+    in_f, out_f, r = case["in_features"], case["out_features"], case.get("rank") or 0
+    density = case["active"] if case["kernel"] == "rank-aware" else 1.0 - case["sparsity"]
+    read = (in_f * out_f * max(density, 0.05) + r * (in_f + out_f)) * elt
+    return int(max(2, min(math.ceil(4 * L2_BYTES / read), max_bytes // (2 * in_f * out_f * elt))))
+
+
 def _make_inputs(case, gen):
-    """x (M, in), a list of weight copies (kernel layout), gate, and factors."""
+    """x (M, in), lists of weight copies (kernel layout, row-major) and of their low-rank factors (A, B,
+    rotated with the weight: ~20 % of a rank-aware call's bytes), the gate, and the reference mask."""
     from sparse_infer.kernels import to_kernel_layout
     from sparse_infer.ops import Gate
     from sparse_infer import reference as ref
 
     dt = _DT[case["dtype"]]
-    M, in_f, out_f = case["M"], case["in_features"], case["out_features"]
+    M, in_f, out_f, r = case["M"], case["in_features"], case["out_features"], case["rank"]
     x = torch.randn(M, in_f, device=_DEV, generator=gen).to(dt)
-    wbytes = in_f * out_f * x.element_size()
-    # enough copies that the bytes actually read per rotation exceed 4x the 50 MB L2
-    read = max(wbytes * (1.0 - min(case["sparsity"], 0.95)), 1.0)
-    copies = max(2, min(16, math.ceil(200e6 / read)))
+    copies = _copies(case, x.element_size())
     ws = [to_kernel_layout((torch.randn(out_f, in_f, device=_DEV, generator=gen) * in_f ** -0.5).to(dt))
           for _ in range(copies)]
     ws_dense = [w.contiguous() for w in ws]  # row-major: F.linear's layout
@@ -204,12 +249,62 @@ def _make_inputs(case, gen):
         t = torch.quantile(absx.flatten()[:1 << 20], sparsity) if sparsity > 0 else torch.tensor(-1.0, device=_DEV)
         # the density hint a calibrated module passes (it picks the M=1 loop, as in sparse_infer)
         gate = Gate(threshold=t.reshape(()).float(), density=1.0 - sparsity)
-    A = B = None
-    if case["rank"]:
-        A = (torch.randn(in_f, case["rank"], device=_DEV, generator=gen) * in_f ** -0.5).to(dt)
-        B = (torch.randn(case["rank"], out_f, device=_DEV, generator=gen) * case["rank"] ** -0.5).to(dt)
+    As = Bs = [None] * copies
+    if r:
+        As = [(torch.randn(in_f, r, device=_DEV, generator=gen) * in_f ** -0.5).to(dt) for _ in range(copies)]
+        Bs = [(torch.randn(r, out_f, device=_DEV, generator=gen) * r ** -0.5).to(dt) for _ in range(copies)]
     mask = gate.mask(x)
-    return x, ws, ws_dense, gate, A, B, mask
+    return x, ws, ws_dense, gate, As, Bs, mask
+
+
+def _calls(case, x, ws, As, Bs, gate, mask):
+    """(fn: one call on the next copy, y_of: the call on copy 0, yr: its fp32 reference)."""
+    from sparse_infer import kernels as K
+    from sparse_infer import reference as ref
+
+    it = itertools.cycle(range(len(ws)))
+    if case["kernel"] == "rank-aware":
+        def fn():
+            i = next(it)
+            return K.rsparse_linear(x, ws[i], None, As[i], Bs[i], gate)
+        y_of = lambda: K.rsparse_linear(x, ws[0], None, As[0], Bs[0], gate)
+        yr = ref.rsparse_linear(x.float(), ws[0].float(), None, mask, As[0].float(), Bs[0].float())
+    else:
+        fn = lambda: K.sparse_linear(x, ws[next(it)], None, gate)
+        y_of = lambda: K.sparse_linear(x, ws[0], None, gate)
+        yr = ref.sparse_linear(x.float(), ws[0].float(), None, mask)
+    return fn, y_of, yr
+
+
+def _rel_err(y, yr) -> float:
+    """Relative error; against an all-zero reference (sparsity 1) the largest |y| (it must be 0)."""
+    ref_norm = float(yr.float().norm())
+    if ref_norm == 0.0:
+        return float(y.float().abs().max())
+    return float((y.float() - yr.float()).norm()) / ref_norm
+
+
+class _cutoffs:
+    """Set the ops' dense-fallback cutoffs for a block: ``NEVER`` runs the sparse kernel at any token
+    count (what the per-token M=16 row and the fallback study time as "kernel"), ``ALWAYS`` sends every
+    call to gate + cuBLAS, ``None`` leaves the cutoffs as they are."""
+
+    NEVER, ALWAYS = 1 << 30, 0
+
+    def __init__(self, tokens=None):
+        self.tokens = tokens
+
+    def __enter__(self):
+        from sparse_infer.kernels import sparse_matmul as sm
+        self.saved = (sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS)
+        if self.tokens is not None:
+            sm.DENSE_FALLBACK_TOKENS = sm.PER_TOKEN_FALLBACK_TOKENS = self.tokens
+        return self
+
+    def __exit__(self, *exc):
+        from sparse_infer.kernels import sparse_matmul as sm
+        sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS = self.saved
+        return False
 
 
 def _needed_bytes(case, x, mask, elt):
@@ -227,36 +322,25 @@ def _needed_bytes(case, x, mask, elt):
 def run_case(case, copy_gbps, meta, graph=False, rep=100, check=True):
     import triton.testing as tt
     import torch.nn.functional as F
-    from sparse_infer import kernels as K
-    from sparse_infer import reference as ref
 
     gen = torch.Generator(device=_DEV).manual_seed(hash((case["in_features"], case["M"], case["sparsity"])) % 2**31)
-    x, ws, ws_dense, gate, A, B, mask = _make_inputs(case, gen)
-    it = itertools.cycle(range(len(ws)))
+    x, ws, ws_dense, gate, As, Bs, mask = _make_inputs(case, gen)
+    fn, y_of, yr = _calls(case, x, ws, As, Bs, gate, mask)
+    err = _rel_err(y_of(), yr)
     itd = itertools.cycle(range(len(ws)))
-    if case["kernel"] == "rank-aware":
-        fn = lambda: K.rsparse_linear(x, ws[next(it)], None, A, B, gate)
-        y = K.rsparse_linear(x, ws[0], None, A, B, gate)
-        yr = ref.rsparse_linear(x.float(), ws[0].float(), None, mask, A.float(), B.float())
-    else:
-        fn = lambda: K.sparse_linear(x, ws[next(it)], None, gate)
-        y = K.sparse_linear(x, ws[0], None, gate)
-        yr = ref.sparse_linear(x.float(), ws[0].float(), None, mask)
-    err = ((y.float() - yr).norm() / yr.norm().clamp_min(1e-30)).item()
     dfn = lambda: F.linear(x, ws_dense[next(itd)])
     dense_ms = tt.do_bench(dfn, warmup=25, rep=rep, return_mode="median")
     k_ms = tt.do_bench(fn, warmup=25, rep=rep, return_mode="median")
-    row = dict(case)
-    nbytes = _needed_bytes(case, x, mask, x.element_size())
+    row = dict(case, variant="default")
     row.update(meta)
-    row.update(dense_us=dense_ms * 1e3, kernel_us=k_ms * 1e3, speedup=dense_ms / k_ms, bytes=nbytes,
-               gbps=nbytes / (k_ms * 1e-3) / 1e9, rel_err=err)
-    row["pct_copy_bw"] = 100.0 * row["gbps"] / copy_gbps
+    row.update(dense_us=dense_ms * 1e3, kernel_us=k_ms * 1e3, speedup=dense_ms / k_ms,
+               bytes=_needed_bytes(case, x, mask, x.element_size()), rel_err=err, status=_status(err))
     if graph:
         row["graph_dense_us"] = tt.do_bench_cudagraph(dfn, rep=rep, return_mode="median") * 1e3
         row["graph_kernel_us"] = tt.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
-    if check and not err < 2e-2:
-        print(f"WARNING: rel err {err:.3g} for {case}", file=sys.stderr)
+    _bandwidth(row, copy_gbps)
+    if check and row["status"] != "ok":
+        print(f"WRONG: rel err {err:.3g} for {case}", file=sys.stderr)
     del ws, ws_dense
     return row
 
@@ -275,7 +359,6 @@ def _graph_us(fn, rep=30):
 def sweep(args, copy_gbps, meta):
     """Try launch configs on the Llama-3-8B MLP shapes (M=1 and 16), CUDA-graph timing; prints µs per config."""
     import torch.nn.functional as F
-    from sparse_infer import kernels as K
     from sparse_infer.kernels import _autotune as at
     variants = {
         # (BLOCK_N, BLOCK_K, programs_per_sm, num_warps, num_stages[, compact])
@@ -295,14 +378,9 @@ def sweep(args, copy_gbps, meta):
                 case = dict(model="llama-3-8b", proj="", in_features=in_f, out_features=out_f, M=bucket,
                             dtype="bf16", kernel=kernel, sparsity=sp, active=active, rank=rank)
                 gen = torch.Generator(device=_DEV).manual_seed(0)
-                x, ws, ws_dense, gate, A, B, mask = _make_inputs(case, gen)
+                x, ws, ws_dense, gate, As, Bs, mask = _make_inputs(case, gen)
                 nbytes = _needed_bytes(case, x, mask, 2)
-                it = itertools.cycle(range(len(ws)))
-                if kernel == "rank-aware":
-                    fn = (lambda x=x, ws=ws, it=it, A=A, B=B, gate=gate:
-                          K.rsparse_linear(x, ws[next(it)], None, A, B, gate))
-                else:
-                    fn = lambda x=x, ws=ws, it=it, gate=gate: K.sparse_linear(x, ws[next(it)], None, gate)
+                fn = _calls(case, x, ws, As, Bs, gate, mask)[0]
                 itd = itertools.cycle(range(len(ws_dense)))
                 dense = _graph_us(lambda: F.linear(x, ws_dense[next(itd)]))
                 prepared.append((kernel, sp, fn, dense, nbytes))
@@ -338,72 +416,77 @@ FINAL_VARIANTS = {  # per token bucket: config overrides timed next to the table
 }
 
 
+FINAL_PLAN = [(1, "input-sparse", 0.5), (1, "input-sparse", 0.7), (1, "input-sparse", 0.9), (1, "input-sparse", 1.0),
+              (1, "rank-aware", 0.5), (1, "input-sparse-topk", 0.5), (4, "shared", 0.5), (4, "input-sparse", 0.5),
+              (16, "shared", 0.5), (16, "input-sparse", 0.5)]
+
+
 def final(args, copy_gbps, meta):
     """Target rows (Llama-3-8B MLP, bf16): eager do_bench + CUDA-graph times, path variants for
-    M=4/16, M=1 config alternatives, and the dense-fallback comparison.  Returns table rows."""
+    M=4/16, M=1 config alternatives.  Returns table rows: one "default" row per case (what the modules
+    run) and one per variant.  A variant that raises or computes a wrong output becomes a row saying so
+    and the run goes on; ``args.out`` (if set) is rewritten after every case, so a timeout keeps what
+    was measured."""
     import triton.testing as tt
     import torch.nn.functional as F
-    from sparse_infer import kernels as K
-    from sparse_infer import reference as ref
     from sparse_infer.kernels import _autotune as at
+    from sparse_infer.kernels import sparse_matmul as sm
     rows = []
-    plan = [(1, "input-sparse", 0.5), (1, "input-sparse", 0.7), (1, "input-sparse", 0.9), (1, "input-sparse", 1.0),
-            (1, "rank-aware", 0.5),
-            (1, "input-sparse-topk", 0.5), (4, "shared", 0.5), (4, "input-sparse", 0.5), (16, "shared", 0.5),
-            (16, "input-sparse", 0.5)]
     for in_f, out_f in getattr(args, "final_shapes", None) or [(4096, 14336), (14336, 4096)]:
         dense_cache = {}
-        for M, kernel, sp in plan:
+        for M, kernel, sp in getattr(args, "final_plan", None) or FINAL_PLAN:
             active, rank = (1 - sp, 0) if kernel != "rank-aware" else rank_for(sp, in_f, out_f)
             case = dict(model="llama-3-8b", proj="mlp_gate_up" if in_f == 4096 else "mlp_down", in_features=in_f,
                         out_features=out_f, M=M, dtype="bf16", kernel=kernel, sparsity=sp, active=round(active, 4),
                         rank=rank)
             gen = torch.Generator(device=_DEV).manual_seed(M)
-            x, ws, ws_dense, gate, A, B, mask = _make_inputs(case, gen)
+            x, ws, ws_dense, gate, As, Bs, mask = _make_inputs(case, gen)
             nbytes = _needed_bytes(case, x, mask, 2)
-            it = itertools.cycle(range(len(ws)))
-            if kernel == "rank-aware":
-                fn = lambda: K.rsparse_linear(x, ws[next(it)], None, A, B, gate)
-                yr = ref.rsparse_linear(x.float(), ws[0].float(), None, mask, A.float(), B.float())
-                y_of = lambda: K.rsparse_linear(x, ws[0], None, A, B, gate)
-            else:
-                fn = lambda: K.sparse_linear(x, ws[next(it)], None, gate)
-                yr = ref.sparse_linear(x.float(), ws[0].float(), None, mask)
-                y_of = lambda: K.sparse_linear(x, ws[0], None, gate)
+            fn, y_of, yr = _calls(case, x, ws, As, Bs, gate, mask)
             if M not in dense_cache:
                 itd = itertools.cycle(range(len(ws_dense)))
                 dfn = lambda: F.linear(x, ws_dense[next(itd)])
                 dense_cache[M] = (tt.do_bench(dfn, rep=50, return_mode="median") * 1e3, _graph_us(dfn))
             d_eager, d_graph = dense_cache[M]
             bucket = at.token_bucket(M)
-            for vi, v in enumerate(FINAL_VARIANTS[bucket] if kernel != "input-sparse-topk" else [None]):
+            variants = [(None, False)] + [(v, False) for v in FINAL_VARIANTS[bucket][1:]]
+            if kernel == "input-sparse-topk":
+                variants = variants[:1]
+            if sm._fallback(M, gate):  # the default row is gate + cuBLAS: time the kernel itself too
+                variants += [(v, True) for v in FINAL_VARIANTS[bucket]]
+            for vi, (v, forced) in enumerate(variants):
                 if vi and sp == 1.0:
                     continue
-                if v:
-                    at.set_override(bucket, **v)
+                tag = ("default" if v is None else ",".join(f"{k}={val}" for k, val in v.items()))
+                tag = (tag + " (no fallback: the kernel)") if forced else tag
+                row = dict(case, variant=tag, bytes=nbytes, graph_dense_us=d_graph, **meta)
                 try:
-                    y = y_of()
-                    err = ((y.float() - yr).norm() / yr.norm().clamp_min(1e-30)).item() if sp < 1 else \
-                        float(y.float().abs().max())
-                    g_us = _graph_us(fn)
-                    e_us = tt.do_bench(fn, rep=50, return_mode="median") * 1e3 if vi == 0 else float("nan")
+                    if v:
+                        at.set_override(bucket, **v)
+                    with _cutoffs(_cutoffs.NEVER if forced else None):
+                        err = _rel_err(y_of(), yr)
+                        g_us = _graph_us(fn)
+                        e_us = tt.do_bench(fn, rep=50, return_mode="median") * 1e3 if vi == 0 else None
+                    row.update(graph_kernel_us=g_us, rel_err=err, status=_status(err))
+                    if e_us is not None:
+                        row.update(dense_us=d_eager, kernel_us=e_us, speedup=d_eager / e_us)
+                    _bandwidth(row, copy_gbps)
+                    print(f"FINAL {in_f}->{out_f} M={M:2d} {kernel:17s} s={sp:.1f} r={rank:3d} [{tag}]: graph {g_us:6.1f} us "
+                          f"(dense {d_graph:5.1f}, x{d_graph / g_us:.2f})"
+                          + (f" eager {e_us:6.1f} us (dense {d_eager:5.1f}, x{d_eager / e_us:.2f})" if e_us else "")
+                          + f" {row['gbps']:.0f} GB/s {row['pct_copy_bw']:.0f}% err={err:.1e} {row['status']}", flush=True)
+                except Exception as e:  # a variant never run on this GPU may fail to compile or launch
+                    row.update(status=f"FAILED: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}")
+                    print(f"FINAL {in_f}->{out_f} M={M:2d} {kernel:17s} s={sp:.1f} [{tag}]: {row['status']}", flush=True)
                 finally:
                     if v:
                         at.set_override(bucket)
-                tag = "default" if v is None else ",".join(f"{k}={val}" for k, val in v.items())
-                print(f"FINAL {in_f}->{out_f} M={M:2d} {kernel:17s} s={sp:.1f} r={rank:3d} [{tag}]: graph {g_us:6.1f} us "
-                      f"(dense {d_graph:5.1f}, x{d_graph / g_us:.2f}) eager {e_us:6.1f} us (dense {d_eager:5.1f}, "
-                      f"x{d_eager / e_us:.2f}) {nbytes / g_us / 1e3:.0f} GB/s "
-                      f"{100 * nbytes / g_us / 1e3 / copy_gbps:.0f}% err={err:.1e}", flush=True)
-                if vi == 0:
-                    row = dict(case)
-                    row.update(meta)
-                    row.update(dense_us=d_eager, kernel_us=e_us, speedup=d_eager / e_us, bytes=nbytes,
-                               gbps=nbytes / e_us / 1e3, pct_copy_bw=100 * nbytes / e_us / 1e3 / copy_gbps,
-                               graph_dense_us=d_graph, graph_kernel_us=g_us, rel_err=err)
-                    rows.append(row)
-            del ws, ws_dense
-            torch.cuda.empty_cache()
+                rows.append(row)
+            del ws, ws_dense, As, Bs
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if getattr(args, "out", None):
+                write_results(rows, args.out)
     return rows
 
 
@@ -433,34 +516,37 @@ def launch_overhead():
 
 
 def fallback(args, meta):
-    """Sparse kernel vs gate + dense cuBLAS per M: where does dense win?"""
-    import triton.testing as tt
-    from sparse_infer import kernels as K
-    from sparse_infer.kernels import sparse_matmul as sm
-    from sparse_infer.ops import Gate
-    from sparse_infer import reference as ref
+    """Sparse kernel vs gate + dense cuBLAS per M: where does dense win?  Per-token rows use a threshold
+    with its density hint (as a calibrated module does), shared rows top-k of the step's RMS (the shared
+    mode's gate); weights rotate (L2) and both paths are checked against the reference first."""
     import torch.nn.functional as F
+    from sparse_infer.ops import Gate
     res = []
     for in_f, out_f in [(4096, 14336), (14336, 4096)][: 1 if args.fallback_tokens else 2]:
-        w = (torch.randn(out_f, in_f, device=_DEV) * in_f ** -0.5).to(torch.bfloat16)
-        wk = K.to_kernel_layout(w)
         for M in (args.fallback_tokens or (16, 32, 48, 64, 96, 128, 256)):
-            x = torch.randn(M, in_f, device=_DEV).to(torch.bfloat16)
             for shared in (False, True):
-                agg = ref._step_importance(x.float(), None) if shared else x.float().abs().flatten()[:1 << 20]
-                gate = Gate(threshold=torch.quantile(agg, 0.5).reshape(()), shared=shared)
-                saved = (sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS)
-                sm.DENSE_FALLBACK_TOKENS = sm.PER_TOKEN_FALLBACK_TOKENS = 1 << 30
-                K.sparse_linear(x, wk, None, gate)
-                ks = _graph_us(lambda: K.sparse_linear(x, wk, None, gate))
-                sm.DENSE_FALLBACK_TOKENS = sm.PER_TOKEN_FALLBACK_TOKENS = 0
-                K.sparse_linear(x, w, None, gate)
-                kd = _graph_us(lambda: K.sparse_linear(x, w, None, gate))
-                sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS = saved
-                dd = _graph_us(lambda: F.linear(x, w))
-                res.append((in_f, out_f, M, shared, ks, kd, dd))
-                print(f"FALLBACK {in_f}->{out_f} M={M} shared={shared}: sparse {ks:.1f} us, gate+dense {kd:.1f} us, "
-                      f"dense {dd:.1f} us", flush=True)
+                case = dict(in_features=in_f, out_features=out_f, M=M, dtype="bf16", kernel="input-sparse",
+                            sparsity=0.5, active=0.5, rank=0)
+                gen = torch.Generator(device=_DEV).manual_seed(M)
+                x, ws, ws_dense, gate, As, Bs, _ = _make_inputs(case, gen)
+                if shared:
+                    gate = Gate(k=in_f // 2, shared=True)
+                mask = gate.mask(x)
+                fn, y_of, yr = _calls(case, x, ws, As, Bs, gate, mask)
+                times, errs = {}, {}
+                # gate + cuBLAS on the kernel-layout weight: what a patched module's fallback runs
+                for name, cutoff in (("sparse", _cutoffs.NEVER), ("gate+dense", _cutoffs.ALWAYS)):
+                    with _cutoffs(cutoff):
+                        errs[name] = _rel_err(y_of(), yr)
+                        times[name] = _graph_us(fn)
+                it = itertools.cycle(range(len(ws_dense)))
+                dd = _graph_us(lambda: F.linear(x, ws_dense[next(it)]))
+                res.append((in_f, out_f, M, shared, times["sparse"], times["gate+dense"], dd))
+                bad = [f"{n} WRONG (rel err {e:.2g})" for n, e in errs.items() if e >= MAX_REL_ERR]
+                print(f"FALLBACK {in_f}->{out_f} M={M} shared={shared}: sparse {times['sparse']:.1f} us, "
+                      f"gate+dense {times['gate+dense']:.1f} us, dense {dd:.1f} us" + (f" {'; '.join(bad)}" if bad else ""),
+                      flush=True)
+                del ws, ws_dense
     return res
 
 
@@ -496,13 +582,19 @@ def main(argv=None):
             return 0
     rows = []
     for case in build_cases(args):
-        r = run_case(case, copy_gbps, meta, graph=args.graph, rep=args.rep)
+        label = (f"{case['model']} {case['proj']} {case['in_features']}->{case['out_features']} M={case['M']} "
+                 f"{case['dtype']} {case['kernel']} s={case['sparsity']} r={case['rank']}")
+        try:
+            r = run_case(case, copy_gbps, meta, graph=args.graph, rep=args.rep)
+        except Exception as e:  # one case that fails to compile or launch does not lose the others
+            rows.append(dict(case, variant="default", status=f"FAILED: {type(e).__name__}: {str(e)[:120]}", **meta))
+            print(f"{label}: {rows[-1]['status']}", flush=True)
+            continue
         rows.append(r)
-        print(f"{case['model']} {case['proj']} {case['in_features']}->{case['out_features']} M={case['M']} "
-              f"{case['dtype']} {case['kernel']} s={case['sparsity']} r={case['rank']}: dense {r['dense_us']:.1f} "
-              f"kernel {r['kernel_us']:.1f} us x{r['speedup']:.2f} {r['gbps']:.0f} GB/s "
-              f"({r['pct_copy_bw']:.0f}%) err={r['rel_err']:.1e}"
+        print(f"{label}: dense {r['dense_us']:.1f} kernel {r['kernel_us']:.1f} us x{r['speedup']:.2f} "
+              f"{r['gbps']:.0f} GB/s ({r['pct_copy_bw']:.0f}%) err={r['rel_err']:.1e} {r['status']}"
               + (f" graph {r['graph_dense_us']:.1f}/{r['graph_kernel_us']:.1f}" if args.graph else ""), flush=True)
+        write_results(rows, args.out)  # after every case: a timeout keeps what was measured
     md, csv_path = write_results(rows, args.out)
     print(f"wrote {md} and {csv_path}")
     return 0

@@ -313,12 +313,76 @@ def test_final_variants_are_config_fields():
             replace(at._GPU[bucket], **v)
 
 
+def test_final_keeps_going_past_a_failing_variant_and_times_the_kernel_above_the_fallback(tmp_path, monkeypatch):
+    """`--final` on the CPU (interpreter, timers stubbed): every row is checked against the reference and says
+    so; a variant that fails (as an untried config may on the GPU) becomes a FAILED row and the run goes on;
+    a per-token row above the fallback cutoff also times the kernel itself; the tables exist after each case."""
+    import argparse
+    import triton.testing as tt
+    bk = _load("bench_kernels")
+    monkeypatch.setattr(bk, "_DEV", "cpu")
+    monkeypatch.setattr(bk, "_copies", lambda case, elt: 2)
+    monkeypatch.setattr(tt, "do_bench", lambda fn, **kw: (fn(), 0.05)[1])
+    monkeypatch.setattr(bk, "_graph_us", lambda fn, rep=30: (fn(), 40.0)[1])
+    monkeypatch.setitem(bk.FINAL_VARIANTS, 1, [None, dict(compact=True), dict(BLOCK_K="not a size")])
+    monkeypatch.setitem(bk.FINAL_VARIANTS, 16, [None, dict(compact=True)])
+    written = []
+    real_write = bk.write_results
+    monkeypatch.setattr(bk, "write_results", lambda rows, out: written.append(len(rows)) or real_write(rows, out))
+    plan = [(1, "input-sparse", 0.5), (1, "rank-aware", 0.5), (16, "input-sparse", 0.5)]
+    args = argparse.Namespace(final_shapes=[(64, 96)], final_plan=plan, out=str(tmp_path))
+    meta = dict(gpu="cpu", torch="t", triton="tr", timestamp="now", command="python bench/bench_kernels.py --final")
+    rows = bk.final(args, 3000.0, meta)
+    by = {(r["M"], r["kernel"], r["variant"]): r for r in rows}
+    assert by[(1, "input-sparse", "default")]["status"] == "ok" and by[(1, "rank-aware", "default")]["status"] == "ok"
+    assert by[(1, "input-sparse", "compact=True")]["status"] == "ok"
+    assert by[(1, "input-sparse", "BLOCK_K=not a size")]["status"].startswith("FAILED: ")
+    assert by[(1, "rank-aware", "compact=True")]["status"] == "ok"  # the run went on after the failure
+    assert by[(16, "input-sparse", "default (no fallback: the kernel)")]["status"] == "ok"
+    assert by[(16, "input-sparse", "compact=True (no fallback: the kernel)")]["status"] == "ok"
+    assert all(r["rel_err"] < 1e-2 for r in rows if r["status"] == "ok")
+    ok = by[(1, "input-sparse", "default")]  # bandwidth from the graph time (40 us), not the eager one
+    assert ok["gbps"] == pytest.approx(ok["bytes"] / 40.0 / 1e3) and ok["graph_speedup"] == pytest.approx(1.0)
+    assert written == [3, 6, 10]  # after every case
+    md = (tmp_path / "kernels.md").read_text()
+    assert "## Launch-config variants" in md and "FAILED: " in md
+    with open(tmp_path / "kernels.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows) and {"variant", "rel_err", "status", "copy_gbps"} <= set(csv_rows[0])
+    assert bk._status(0.5).startswith("WRONG") and bk._status(1e-3) == "ok"
+
+
+def test_weight_copies_defeat_the_l2_at_any_sparsity():
+    bk = _load("bench_kernels")
+    for in_f, out_f in [(4096, 1024), (4096, 14336)]:
+        for s in (0.5, 0.7, 0.9, 1.0):
+            case = dict(in_features=in_f, out_features=out_f, kernel="input-sparse", sparsity=s, active=1 - s, rank=0)
+            n = bk._copies(case, 2)
+            read = in_f * out_f * 2 * max(1 - s, 0.05)
+            assert n * read >= 4 * bk.L2_BYTES and n * 2 * in_f * out_f * 2 <= 12 * 2**30
+
+
+@pytest.mark.parametrize("M", [1, 4, 16])
+@pytest.mark.parametrize("shared", [False, True])
+def test_bench_ops_threshold_gates_run_at_the_labelled_sparsity(M, shared):
+    """pytest-benchmark groups say s=0.5: the threshold providers' masks must drop half the channels."""
+    bo = _load("test_bench_ops")
+    x = torch.randn(M, 1024, generator=torch.Generator().manual_seed(M))
+    gate = bo._gate("threshold", x, shared)
+    assert 1.0 - float(gate.mask(x).float().mean()) == pytest.approx(bo.SPARSITY, abs=0.01)
+
+
 @pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_decode.sh"])
 def test_device_scripts_fit_one_call(script):
     """Each device script is one `run` call, which is stopped after 600 s: its steps' timeouts must fit."""
     text = (Path(__file__).resolve().parents[1] / "bench" / script).read_text()
-    limits = [int(t) for t in re.findall(r"^\s*timeout (\d+) ", text, flags=re.M)]
+    steps = re.findall(r"^\s*timeout (.*?)(\d+) ", text, flags=re.M)
+    limits = [int(t) for _, t in steps]
     assert limits and sum(limits) <= 590, limits
+    # SIGINT, not SIGTERM: a stopped pytest still prints its summary; and each step writes its own log
+    # under $OUT (a pipe into tee/grep would be killed with it when the call itself is stopped)
+    assert all(opt == "-s INT " for opt, _ in steps), steps
+    assert len(re.findall(r"> \$OUT/\S+ 2>&1$", text, flags=re.M)) == len(steps)
 
 
 def test_sass_count_compiles_for_sm90():

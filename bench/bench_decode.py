@@ -27,7 +27,9 @@ Decode loop (identical for dense and sparse):
   dense and sparse alike; the kernels enter the graph as ``torch.library``
   custom ops) before the capture, which fuses the norms, RoPE, SiLU*mul and
   residual adds that otherwise run as many small kernels.  Each configuration
-  is traced afresh; the sparsity and reference checks run the eager step.
+  is traced afresh; the sparsity and reference checks run the eager step, and
+  the compiled step's logits are compared with the eager step's from the same
+  state (a row above 2e-2 says CHECK in its note).
 
 ``--engine native`` (default) runs the decoder layers' modules with this
 file's static cache and attention (same maths as HF's Llama attention, checked
@@ -39,7 +41,15 @@ Sparsity: ``targets=all`` by default, so the configured sparsity is the
 model-level fraction of linear-layer weight bytes skipped per token.  Threshold
 mode (default, TEAL) calibrates its thresholds on ``--calib-tokens`` random
 tokens; the sparsity measured on decode tokens (reference path, a few eager
-steps) is reported next to the target.
+steps) is reported next to the target.  The weight bytes a sparse step reads
+(``× ideal``, ``GB/s``) come from those measured densities - for per-token
+masks at batch > 1 the density of the union of the batch's masks, which the
+kernels read - or all weights where the kernels fall back to a dense matmul at
+that batch size.
+
+``--threads N`` sets torch's thread count (default: torch's own); on a small
+CPU machine with ``--compile``, fewer threads keep OpenMP from fighting
+inductor's compile workers.
 
 Writes ``decode.md`` and appends to ``decode.csv`` under ``--out`` after every
 row (partial results survive a timeout), with the device, versions, command
@@ -161,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="profile STEPS eager steps per row (torch.profiler): device time per step and the top "
                         "kernels go to profile.txt; compare with the graph step time to see launch gaps")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch.set_num_threads(N) for the run (default: leave torch's default). On a small CPU "
+                        "machine with --compile, OpenMP threads fight inductor's compile workers: 1 or 2 there")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results/decode", help="folder for decode.md / decode.csv")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -176,6 +189,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         parser.error("--warmup must be at least 1 (kernels compile and allocate in the warm-up, before capture)")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.measure_steps < 0 or args.profile < 0:
+        parser.error("--measure-steps and --profile must be 0 or more")
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
     if args.compile and args.engine != "native":
         parser.error("--compile compiles the native engine's step: drop --engine hf (or --compile)")
     if args.method == "gate":
@@ -251,18 +268,55 @@ def decode_weight_bytes(model) -> int:
     return total
 
 
-def skipped_weight_bytes(model) -> float:
-    """Nominal weight bytes per token the sparse modules skip (dense elements - elements read)."""
+def _fallback_limits() -> tuple:
+    """(DENSE_FALLBACK_TOKENS, PER_TOKEN_FALLBACK_TOKENS, GATED_MLP_FALLBACK_TOKENS) as the kernels' dispatch
+    reads them now (module globals, settable at run time)."""
+    try:
+        from sparse_infer import kernels
+        from sparse_infer.kernels import sparse_matmul as sm
+
+        return sm.DENSE_FALLBACK_TOKENS, sm.PER_TOKEN_FALLBACK_TOKENS, kernels.GATED_MLP_FALLBACK_TOKENS
+    except Exception:  # noqa: BLE001 - no triton: the values of kernels/sparse_matmul.py and gated_mlp.py
+        return 16, 4, 1
+
+
+def step_weight_bytes(model, dense_bytes: float, tokens: int,
+                      densities: Optional[Dict[str, float]] = None) -> tuple:
+    """(weight bytes one decode step of ``tokens`` tokens reads on the kernel path, what they are based on).
+
+    Per sparse module: a module whose kernel falls back to gate + dense matmul at this token count
+    (``PER_TOKEN_FALLBACK_TOKENS`` for per-token masks, ``DENSE_FALLBACK_TOKENS`` for shared ones,
+    ``GATED_MLP_FALLBACK_TOKENS`` for the fused CATS MLP, or the module's own ``dense_prefill_above``)
+    reads all its weights; otherwise it reads the channels of ``densities[name]``, the measured density
+    of the union of the step's masks (for per-token masks and several tokens: the union over the
+    batch's tokens, which the kernels read), or the nominal density (target) where nothing was measured.
+    Basis: "measured", "measured union", "nominal", "dense fallback", joined by " + " when mixed.
+    """
     from sparse_infer import SparseGatedMLP, sparse_modules
 
-    skipped = 0.0
-    for m in sparse_modules(model).values():
+    dense_fb, per_token_fb, mlp_fb = _fallback_limits()
+    densities = densities or {}
+    skipped, basis = 0.0, []
+    for name, m in sparse_modules(model).items():
         if isinstance(m, SparseGatedMLP):
             dense, size = m.dense_elements(), m.gate_proj.weight.element_size()
+            fallback = tokens > mlp_fb or m.act_name is None  # no fused kernel: the reference, dense
         else:
             dense, size = m.in_features * m.out_features, m.weight.element_size()
-        skipped += (dense - m.read_elements()) * size
-    return skipped
+            fallback = tokens > (dense_fb if m.shared else min(per_token_fb, dense_fb))
+        if m.dense_prefill_above is not None and tokens > m.dense_prefill_above:
+            fallback = True
+        if fallback:
+            read, how = dense, "dense fallback"
+        elif densities.get(name) is not None:
+            read, how = m.read_elements(densities[name]), (
+                "measured union" if tokens > 1 and not m.shared else "measured")
+        else:
+            read, how = m.read_elements(), "nominal"
+        skipped += (dense - read) * size
+        if how not in basis:
+            basis.append(how)
+    return dense_bytes - skipped, " + ".join(basis) or "dense"
 
 
 # ----------------------------------------------------------------------------- engines
@@ -504,6 +558,12 @@ class DecodeResult:
     ref_check: Optional[float] = None  # worst rel. error of a sparse module's output against the reference
     kernel_ms: Optional[float] = None  # device (kernel) time per eager step, from the profiler
     profile: str = ""
+    compile_check: Optional[float] = None  # rel. error of the compiled step's logits against the eager step's
+    union_density: Dict[str, float] = field(default_factory=dict)  # per module: measured density of the step's union
+
+
+# Checks above this relative error are flagged in the row's note ("CHECK: ...").
+CHECK_TOLERANCE = 2e-2
 
 
 def run_decode(model, engine, prompt: torch.Tensor, args, graphs: bool, measure_sparsity: bool = False) -> DecodeResult:
@@ -531,6 +591,24 @@ def run_decode(model, engine, prompt: torch.Tensor, args, graphs: bool, measure_
         engine.step()
     _sync(device)
 
+    compile_check, eager_repeat = None, None
+    if getattr(engine, "compiled", None):
+        # the compiled step (its kernel path included) against the eager, uncompiled step from the same
+        # state; a second eager step from that state says how reproducible the eager step itself is
+        start()
+        engine.eager_step()
+        eager_logits = engine.logits.clone()
+        start()
+        engine.eager_step()
+        eager_repeat = rel_err(engine.logits, eager_logits)
+        start()
+        engine.step()
+        _sync(device)
+        compile_check = rel_err(engine.logits, eager_logits)
+        if not compile_check <= CHECK_TOLERANCE:  # NaN included
+            note = (f"CHECK: compiled vs eager rel err {compile_check:.1e} "
+                    f"(eager vs eager {eager_repeat:.1e})")
+
     graph, check = None, None
     if graphs:
         try:
@@ -551,10 +629,10 @@ def run_decode(model, engine, prompt: torch.Tensor, args, graphs: bool, measure_
                 pass
             start()
             culprit = _find_host_sync(engine)
-            note = f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+            failed = f"CUDA graph capture failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
             if culprit:
-                note += f"; host sync: {culprit}"
-            note += "; eager"
+                failed += f"; host sync: {culprit}"
+            note = "; ".join(n for n in (note, failed + "; eager") if n)
 
     times = []
     for _ in range(args.repeats):
@@ -577,10 +655,12 @@ def run_decode(model, engine, prompt: torch.Tensor, args, graphs: bool, measure_
     if getattr(args, "profile", 0) > 0:
         kernel_ms, prof_table = profile_steps(engine, first, plen, args.profile, device)
 
-    measured, ref_check = None, None
+    measured, ref_check, union = None, None, {}
     if measure_sparsity and args.measure_steps > 0:
         ref_check = module_check(model, engine, first, plen)
-        measured = measure_model_sparsity(model, engine, first, plen, args.measure_steps)
+        measured = measure_model_sparsity(model, engine, first, plen, args.measure_steps, union=union)
+        if ref_check is not None and not ref_check <= CHECK_TOLERANCE:
+            note = "; ".join(n for n in (note, f"CHECK: module vs reference rel err {ref_check:.1e}") if n)
     return DecodeResult(
         tokens_per_s=batch * args.new_tokens / secs,
         step_ms=secs / args.new_tokens * 1e3,
@@ -593,6 +673,8 @@ def run_decode(model, engine, prompt: torch.Tensor, args, graphs: bool, measure_
         ref_check=ref_check,
         kernel_ms=kernel_ms,
         profile=prof_table,
+        compile_check=compile_check,
+        union_density=union,
     )
 
 
@@ -632,23 +714,49 @@ def profile_steps(engine, first, plen: int, steps: int, device) -> tuple:
     return total_us / steps / 1e3, table
 
 
-def measure_model_sparsity(model, engine, first, plen: int, steps: int) -> Optional[float]:
-    """Model-level sparsity reached on decode tokens: a few eager steps on the reference path with stats on."""
+def _union_tap(m, densities: list):
+    """A stand-in for ``m._record`` that also appends the density of the union of the call's mask rows
+    (per-token masks: over the step's tokens; a shared mask: its one row; a dense call: 1.0)."""
+    record = m._record
+
+    def tap(mask, tokens, dense=False):
+        if dense or mask is None:
+            densities.append(1.0)
+        else:
+            densities.append(float(mask.reshape(-1, m.width).any(0).float().mean()))
+        return record(mask, tokens, dense)
+
+    return tap
+
+
+def measure_model_sparsity(model, engine, first, plen: int, steps: int,
+                           union: Optional[Dict[str, float]] = None) -> Optional[float]:
+    """Model-level sparsity reached on decode tokens: a few eager steps on the reference path with stats on.
+
+    ``union``: a dict to fill with, per sparse module name, the mean over the steps of the density of the
+    union of the step's masks (what the kernels read per step: with per-token masks, every channel some
+    token of the batch keeps).  The returned sparsity is the mean per-token one."""
     from sparse_infer import model_sparsity, sparse_modules
 
-    mods = list(sparse_modules(model).values())
-    saved = [(m, m.backend, m.record_stats) for m in mods]
+    named = sparse_modules(model)
+    saved = [(m, m.backend, m.record_stats) for m in named.values()]
+    taps = {name: [] for name in named}
     try:
-        for m in mods:
+        for name, m in named.items():
             m.backend, m.record_stats = "reference", True
             m.reset_stats()
+            if union is not None:
+                m._record = _union_tap(m, taps[name])  # an instance attribute over the method
         engine.set_state(first, plen)
         for _ in range(steps):
             engine.eager_step()
+        if union is not None:
+            union.update({name: sum(v) / len(v) for name, v in taps.items() if v})
         return model_sparsity(model, measured=True)
     finally:
         for m, backend, rec in saved:
             m.backend, m.record_stats = backend, rec
+            m.__dict__.pop("_record", None)
 
 
 @torch.no_grad()
@@ -688,8 +796,9 @@ def module_check(model, engine, first, plen: int) -> Optional[float]:
 # ----------------------------------------------------------------------------- results
 COLUMNS = ["config", "device", "dtype", "engine", "batch", "prompt", "new_tokens", "method", "targets", "mode",
            "sparsity", "measured_sparsity", "graphs", "compiled", "tokens_per_s", "ratio", "step_ms",
-           "weight_gb_per_step", "gb_per_s", "peak_mem_gib", "prefill_ms", "graph_check", "ref_check", "kernel_ms", "note"]
-META_COLUMNS = ["timestamp", "torch", "triton", "transformers", "sparse_infer", "python", "command"]
+           "weight_gb_per_step", "weight_basis", "gb_per_s", "peak_mem_gib", "prefill_ms", "graph_check",
+           "compile_check", "ref_check", "kernel_ms", "note"]
+META_COLUMNS = ["timestamp", "torch", "triton", "transformers", "sparse_infer", "python", "threads", "command"]
 
 
 def environment(device) -> dict:
@@ -712,6 +821,7 @@ def environment(device) -> dict:
         "sparse_infer": version("sparse_infer"),
         "python": platform.python_version(),
         "cuda": torch.version.cuda or "n/a",
+        "threads": torch.get_num_threads(),
     }
 
 
@@ -729,25 +839,34 @@ def _fmt(v, nd=2):
 
 def markdown_table(rows: List[dict]) -> str:
     prof = any(r.get("kernel_ms") is not None for r in rows)
+    compiled = any(r.get("compiled") not in (None, "", "no") for r in rows)
     dense_gb = {r["batch"]: r["weight_gb_per_step"] for r in rows if r["mode"] == "dense"}
     head = ["batch", "mode", "sparsity (target)", "sparsity (measured)", "tokens/s", "× dense", "× ideal (bytes)",
-            "ms/step", "GB/s (weights)", "peak GiB", "graphs"] + (["device ms/step (profiled)"] if prof else []) + [
-            "rel. err graph / ref", "note"]
+            "ms/step", "GB/s (weights)", "weight bytes from", "peak GiB", "graphs"] + (
+            ["device ms/step (profiled)"] if prof else []) + [
+            "rel. err graph / compiled / ref" if compiled else "rel. err graph / ref", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     order = sorted(rows, key=lambda r: (r["batch"], r["mode"] != "dense", r["mode"], r["sparsity"] or 0.0))
     for r in order:
         ideal = None
         if r["mode"] != "dense" and dense_gb.get(r["batch"]) and r.get("weight_gb_per_step"):
             ideal = dense_gb[r["batch"]] / r["weight_gb_per_step"]
-        checks = "-" if r.get("graph_check") is None and r.get("ref_check") is None else (
-            f"{_sci(r.get('graph_check'))} / {_sci(r.get('ref_check'))}")
+        shown = ["graph_check"] + (["compile_check"] if compiled else []) + ["ref_check"]
+        checks = "-" if all(r.get(k) is None for k in shown) else " / ".join(_sci(r.get(k)) for k in shown)
         cells = [
             str(r["batch"]), r["mode"], _fmt(r["sparsity"]), _fmt(r["measured_sparsity"], 3),
-            _fmt(r["tokens_per_s"], 1), _fmt(r["ratio"]), _fmt(ideal), _fmt(r["step_ms"], 3), _fmt(r["gb_per_s"], 0),
-            _fmt(r["peak_mem_gib"], 2), _fmt(r["graphs"]),
+            _fmt(r["tokens_per_s"], 1), _fmt(r["ratio"]), _fmt(ideal), _fmt(r["step_ms"], 3), _fmt_rate(r["gb_per_s"]),
+            r.get("weight_basis") or "-", _fmt(r["peak_mem_gib"], 2), _fmt(r["graphs"]),
         ] + ([_fmt(r.get("kernel_ms"), 3)] if prof else []) + [checks, (r["note"] or "").replace("|", "/")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _fmt_rate(v) -> str:
+    """GB/s: whole numbers at GPU scale, three significant digits below (the tiny config's MB-sized weights)."""
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.0f}" if v >= 100 else f"{v:.3g}"
 
 
 def _sci(v) -> str:
@@ -763,20 +882,27 @@ def markdown_report(rows: List[dict], meta: dict) -> str:
         "",
         f"- device: {meta.get('device_name')}; torch {meta.get('torch')}, triton {meta.get('triton')}, "
         f"transformers {meta.get('transformers')}, CUDA {meta.get('cuda')}, Python {meta.get('python')}, "
-        f"sparse-infer {meta.get('sparse_infer')}",
+        f"sparse-infer {meta.get('sparse_infer')}; torch threads {meta.get('threads', '?')}",
         f"- date: {meta.get('timestamp')}",
         f"- command: `{meta.get('command')}`",
         f"- prompt {first.get('prompt')} tokens, {first.get('new_tokens')} new tokens, random weights; "
         f"method {method}, targets {first.get('targets')}.",
         "- tokens/s counts all sequences of the batch; x dense compares with the dense row of the same batch size "
-        "run the same way (CUDA graphs or eager); x ideal (bytes) = dense weight bytes per step / the sparse "
-        "configuration's nominal weight bytes per step, the memory-bound ceiling of x dense; GB/s (weights) = "
-        "nominal weight bytes per step / step time; device ms/step: kernel time of an eager step (profiler), "
-        "whose difference to ms/step is launch gaps.",
+        "run the same way (CUDA graphs or eager); x ideal (bytes) = dense weight bytes per step / the weight bytes "
+        "the sparse step reads, the memory-bound ceiling of x dense; GB/s (weights) = those bytes per step / "
+        "step time. The bytes are the kernel path's at the row's batch size (on the CPU reference path, a model "
+        "of it), from (column weight bytes from): measured = the density measured on decode tokens; measured "
+        "union = per-token masks at batch > 1, the measured density of the union of the batch's masks, which "
+        "the kernels read; dense fallback = the batch is above the kernels' fallback token count, so the layers "
+        "run gate + dense matmul and read all weights; nominal = the target density (nothing measured: "
+        "--measure-steps 0). device ms/step: kernel time of an eager step (profiler), whose difference to "
+        "ms/step is launch gaps.",
         "- rel. err graph: logits of a CUDA-graph replay against the eager step from the same state (0 when the "
         "step is deterministic; sparse steps are not - split-K fp32 atomics - and the hard threshold amplifies "
-        "rounding over the layers); rel. err ref: the worst sparse module's output against the reference path "
-        "on the same input.",
+        "rounding over the layers); rel. err compiled (--compile): logits of the compiled step against the "
+        "uncompiled eager step from the same state; rel. err ref: the worst sparse module's output against the "
+        f"reference path on the same input. A compiled or ref error above {CHECK_TOLERANCE:g} puts CHECK in the "
+        "note (with, for compiled, the eager step's own run-to-run error from that state).",
         "",
         markdown_table(rows),
     ])
@@ -816,21 +942,23 @@ def write_results(rows: List[dict], out_dir, meta: dict, csv_rows: Optional[List
 
 # ----------------------------------------------------------------------------- main
 def _row(args, meta, batch, mode, sparsity, res: Optional[DecodeResult], dense: Optional[DecodeResult],
-         weight_bytes: float, note: str = "") -> dict:
+         weight_bytes: float, note: str = "", basis: Optional[str] = None) -> dict:
+    """One table row; ``weight_bytes``: what the step reads (``basis``: how that was worked out)."""
     row = {
         "config": args.config, "device": meta["device_name"], "dtype": args.dtype, "engine": args.engine,
         "batch": batch, "prompt": args.prompt, "new_tokens": args.new_tokens, "method": args.method if mode != "dense" else "-",
         "targets": args.targets, "mode": mode, "sparsity": sparsity, "measured_sparsity": None, "graphs": None,
         "compiled": getattr(args, "compile", None) or "no",
         "tokens_per_s": None, "ratio": None, "step_ms": None, "weight_gb_per_step": weight_bytes / 1e9,
-        "gb_per_s": None, "peak_mem_gib": None, "prefill_ms": None, "graph_check": None, "ref_check": None,
-        "kernel_ms": None, "note": note,
+        "weight_basis": None, "gb_per_s": None, "peak_mem_gib": None, "prefill_ms": None, "graph_check": None,
+        "compile_check": None, "ref_check": None, "kernel_ms": None, "note": note,
     }
     if res is not None:
         row.update(
             measured_sparsity=res.measured_sparsity, graphs=res.graphs, tokens_per_s=res.tokens_per_s,
             step_ms=res.step_ms, gb_per_s=weight_bytes / 1e9 / (res.step_ms / 1e3), peak_mem_gib=res.peak_mem_gib,
-            prefill_ms=res.prefill_ms, graph_check=res.graph_check, ref_check=res.ref_check, kernel_ms=res.kernel_ms,
+            prefill_ms=res.prefill_ms, graph_check=res.graph_check, compile_check=res.compile_check,
+            ref_check=res.ref_check, kernel_ms=res.kernel_ms, weight_basis=basis,
             note="; ".join(n for n in (note, res.note) if n),
         )
         if dense is not None:
@@ -838,11 +966,33 @@ def _row(args, meta, batch, mode, sparsity, res: Optional[DecodeResult], dense: 
     return row
 
 
+def cache_len(args) -> int:
+    """Static KV-cache length: the prompt and the most steps any pass takes from the prompt's end (each pass
+    restarts there): the timed decode (with warm-up slack, as before), the sparsity measurement, the
+    profile (one unprofiled step, then ``--profile``), the checks (one or two steps); a multiple of 64."""
+    steps = max(args.new_tokens + args.warmup + 2, getattr(args, "measure_steps", 0) + 1,
+                getattr(args, "profile", 0) + 2, args.warmup + 2)
+    return -(-(args.prompt + steps) // 64) * 64
+
+
 def run(args, model=None) -> List[dict]:
     """Run the whole benchmark described by ``args`` (from `parse_args`); return the rows written.
 
     ``model``: an already built model to use instead of building ``args.config`` (tests); it is left dense.
+    ``args.threads``: torch's intra-op thread count for the run (restored afterwards).
     """
+    threads = getattr(args, "threads", None)
+    if not threads:
+        return _run(args, model)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _run(args, model)
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _run(args, model=None) -> List[dict]:
     from sparse_infer import SparsityConfig, sparsify, unsparsify
 
     def log(msg):
@@ -863,7 +1013,7 @@ def run(args, model=None) -> List[dict]:
     gen = torch.Generator().manual_seed(args.seed)
     vocab = model.config.vocab_size
     calib = [torch.randint(0, vocab, (1, args.calib_tokens), generator=gen)]
-    max_len = -(-(args.prompt + args.new_tokens + args.warmup + 2) // 64) * 64
+    max_len = cache_len(args)
     rows: List[dict] = []
 
     def emit(row, res: Optional[DecodeResult] = None):
@@ -887,7 +1037,7 @@ def run(args, model=None) -> List[dict]:
         try:
             dense = run_decode(model, st["engine"], prompt, args, args.graphs)
             st["dense"][dense.graphs] = dense
-            emit(_row(args, meta, batch, "dense", None, dense, dense, dense_bytes), dense)
+            emit(_row(args, meta, batch, "dense", None, dense, dense, dense_bytes, basis="dense"), dense)
         except Exception as e:  # noqa: BLE001 - a failed row is reported, the run goes on
             st["failed"] = True
             emit(_row(args, meta, batch, "dense", None, None, None, dense_bytes, note=_failure(e)))
@@ -900,7 +1050,6 @@ def run(args, model=None) -> List[dict]:
             deferred = []  # sparse runs whose dense baseline (eager) must be measured once the model is dense
             try:
                 sparsify(model, cfg, calibration=calib if cfg.needs_calibration else None, progress=False)
-                sparse_bytes = dense_bytes - skipped_weight_bytes(model)
                 for batch in live:
                     st = state[batch]
                     try:
@@ -908,25 +1057,29 @@ def run(args, model=None) -> List[dict]:
                     except Exception as e:  # noqa: BLE001
                         emit(_row(args, meta, batch, mode, sparsity, None, None, dense_bytes, note=_failure(e)))
                         continue
+                    # what this batch size's step reads: measured (union) densities, dense fallbacks
+                    sparse_bytes, basis = step_weight_bytes(model, dense_bytes, batch, res.union_density)
                     if res.graphs in st["dense"]:
-                        emit(_row(args, meta, batch, mode, sparsity, res, st["dense"][res.graphs], sparse_bytes), res)
+                        emit(_row(args, meta, batch, mode, sparsity, res, st["dense"][res.graphs], sparse_bytes,
+                                  basis=basis), res)
                     else:
-                        deferred.append((batch, res, sparse_bytes))
+                        deferred.append((batch, res, sparse_bytes, basis))
             except Exception as e:  # noqa: BLE001 - sparsify itself failed: one failed row per batch size
                 for batch in live:
                     emit(_row(args, meta, batch, mode, sparsity, None, None, dense_bytes, note=_failure(e)))
             finally:
                 unsparsify(model)
-            for batch, res, sparse_bytes in deferred:
+            for batch, res, sparse_bytes, basis in deferred:
                 st = state[batch]
                 if res.graphs not in st["dense"]:
                     try:
                         st["dense"][res.graphs] = run_decode(model, st["engine"], st["prompt"], args, res.graphs)
                     except Exception as e:  # noqa: BLE001
                         emit(_row(args, meta, batch, mode, sparsity, res, None, sparse_bytes,
-                                  note="dense baseline failed: " + _failure(e)))
+                                  note="dense baseline failed: " + _failure(e), basis=basis))
                         continue
-                emit(_row(args, meta, batch, mode, sparsity, res, st["dense"][res.graphs], sparse_bytes), res)
+                emit(_row(args, meta, batch, mode, sparsity, res, st["dense"][res.graphs], sparse_bytes,
+                          basis=basis), res)
     state.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()

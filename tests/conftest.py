@@ -8,6 +8,7 @@ set here, before the tests import sparse_infer.kernels.
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -36,6 +37,30 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     if den == 0.0:
         return num
     return num / den
+
+
+def token_ids(seed: int, n: int = 4, length: int = 32, vocab: int = 128) -> list:
+    """``n`` random 1-D token-id sequences (ids 1..vocab-1) from a seeded generator: calibration data."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, vocab, (length,), generator=g) for _ in range(n)]
+
+
+def load_bench_script(name: str):
+    """bench/<name>.py as a module (bench/ is not a package); skipped where the script does not exist."""
+    path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    if not path.is_file():
+        pytest.skip(f"bench/{name}.py does not exist yet")
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    try:
+        spec.loader.exec_module(module)
+    except Exception:
+        del sys.modules[name]
+        raise
+    return module
 
 
 @pytest.fixture

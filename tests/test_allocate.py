@@ -17,13 +17,9 @@ from sparse_infer import SparsityConfig, allocate
 from sparse_infer import reference as ref
 from sparse_infer.calibrate import calibrate, collect_stats
 from sparse_infer.models import tiny_model
+from conftest import token_ids
 
 FINE = allocate.FINE
-
-
-def _data(seed, n=4, length=32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 128, (length,), generator=g) for _ in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +53,7 @@ def test_topk_error_curve_is_the_output_error_of_dropping_the_least_important_ch
     """At every 5 % of density the curve is the relative output error of keeping each token's top-k
     channels (by |x|, or |x|·||W[:, i]|| with importance), and linear in between."""
     cfg = SparsityConfig(method="topk", sparsity=0.5, targets="mlp", allocation="greedy", importance=importance)
-    stats = collect_stats(model, _data(0), cfg, progress=False, reservoir=32)
+    stats = collect_stats(model, token_ids(0), cfg, progress=False, reservoir=32)
     curves = allocate.error_curves(model, stats, cfg, progress=False)
     checked = 0
     for c in curves:
@@ -85,7 +81,7 @@ def test_gate_error_curve_drops_the_smallest_activations_over_the_sample(model):
     """Gate (CATS) layers: at sparsity s the fraction 1.5·s of the smallest |act(gate(x))| of the
     sample is dropped (one threshold over the layer), and the error is that of the MLP's output."""
     cfg = SparsityConfig(method="gate", sparsity=0.4, targets="mlp", allocation="greedy")
-    stats = collect_stats(model, _data(0), cfg, progress=False, reservoir=16)
+    stats = collect_stats(model, token_ids(0), cfg, progress=False, reservoir=16)
     curves = allocate.error_curves(model, stats, cfg, progress=False)
     assert curves and all(c.kind == "mlp" for c in curves)
     for c in curves:
@@ -107,7 +103,7 @@ def test_gate_error_curve_drops_the_smallest_activations_over_the_sample(model):
 def test_curve_depth_runs_from_first_to_last_layer():
     model = tiny_model("llama", num_hidden_layers=3)
     cfg = SparsityConfig(method="topk", sparsity=0.5, targets="attn", allocation="greedy")
-    stats = collect_stats(model, _data(0, n=2), cfg, progress=False, reservoir=16)
+    stats = collect_stats(model, token_ids(0, n=2), cfg, progress=False, reservoir=16)
     depth = {c.name: c.depth for c in allocate.error_curves(model, stats, cfg, progress=False)}
     for name, d in depth.items():
         layer = int(name.split("layers.")[1].split(".")[0])
@@ -117,7 +113,7 @@ def test_curve_depth_runs_from_first_to_last_layer():
 def test_unknown_gating_is_a_clear_error(model):
     cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="greedy")
     with pytest.raises(ValueError, match="gating"):
-        calibrate(model, _data(0, n=2), cfg, progress=False, gating="topK")
+        calibrate(model, token_ids(0, n=2), cfg, progress=False, gating="topK")
 
 
 def _same_calibration(a, b):
@@ -142,7 +138,7 @@ def test_reused_statistics_give_the_calibration_of_fresh_ones(lowrank_model, fir
     """Statistics reused for another setting (gating, importance) give exactly what a fresh dense pass gives:
     nothing cached for the first setting leaks into the second."""
     base = dict(method="rsparse", sparsity=0.6, targets="mlp", allocation="greedy", lowrank="activation")
-    data = _data(0)
+    data = token_ids(0)
 
     def run(stats, kw):
         kw = dict(kw)
@@ -163,7 +159,7 @@ def test_activation_factor_is_fitted_on_what_topk_gating_leaves_inactive(lowrank
     layer's top-k actually drops (k per token), not of a thresholded sample."""
     model = lowrank_model
     cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="uniform", lowrank="activation")
-    cal = calibrate(model, _data(0), cfg, progress=False, gating="topk", reservoir=64)
+    cal = calibrate(model, token_ids(0), cfg, progress=False, gating="topk", reservoir=64)
     si.sparsify(model, cfg, calibration=cal, progress=False)
     try:
         ks = {n: m.k for n, m in si.sparse_modules(model).items()}
@@ -244,7 +240,7 @@ def test_sensitivity_is_the_kl_of_the_model_with_only_that_layer_at_the_probe():
     with torch.no_grad():
         model.lm_head.weight.mul_(30.0)
     cfg = SparsityConfig(method="topk", sparsity=0.5, targets="mlp", allocation="greedy", importance=False)
-    stats = collect_stats(model, _data(2), cfg, progress=False, reservoir=32, kl_tokens=32)
+    stats = collect_stats(model, token_ids(2), cfg, progress=False, reservoir=32, kl_tokens=32)
     curves = allocate.error_curves(model, stats, cfg, progress=False)
     sens = allocate.sensitivities(model, stats, curves, cfg, progress=False)
     for c, got in zip(curves, sens):
@@ -268,7 +264,7 @@ def test_sensitivity_is_the_kl_of_the_model_with_only_that_layer_at_the_probe():
 @pytest.fixture(scope="module")
 def searched(model):
     cfg = SparsityConfig(method="topk", sparsity=0.6, targets="mlp", allocation="search", seed=1)
-    stats = collect_stats(model, _data(0), cfg, progress=False, reservoir=32, kl_tokens=32)
+    stats = collect_stats(model, token_ids(0), cfg, progress=False, reservoir=32, kl_tokens=32)
     curves = allocate.error_curves(model, stats, cfg, progress=False)
     return cfg, stats, curves
 
@@ -296,7 +292,7 @@ def test_search_seed_changes_the_candidates_and_repeats_them(model, searched):
 @pytest.mark.parametrize("quick", [False, True])
 def test_search_time_budget_zero_scores_only_uniform(model, quick):
     cfg = SparsityConfig(method="topk", sparsity=0.5, targets="mlp", allocation="search")
-    cal = calibrate(model, _data(0, n=2), cfg, progress=False, iterations=10, time_budget_s=0, quick=quick, reservoir=32)
+    cal = calibrate(model, token_ids(0, n=2), cfg, progress=False, iterations=10, time_budget_s=0, quick=quick, reservoir=32)
     s = cal.meta["search"]
     assert s["candidates"] == 1 and s["kl_greedy"] is None and s["kl_sensitivity"] == {}
     assert all(e["sparsity"] == 0.5 for e in cal.layers.values())
@@ -304,10 +300,10 @@ def test_search_time_budget_zero_scores_only_uniform(model, quick):
 
 def test_progress_false_prints_nothing(model, capfd):
     cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="search")
-    calibrate(model, _data(0, n=2), cfg, progress=False, quick=True, iterations=5, reservoir=32)
+    calibrate(model, token_ids(0, n=2), cfg, progress=False, quick=True, iterations=5, reservoir=32)
     out, err = capfd.readouterr()
     assert out == "" and err == ""
-    calibrate(model, _data(0, n=2), cfg, progress=True, quick=True, iterations=5, reservoir=32)
+    calibrate(model, token_ids(0, n=2), cfg, progress=True, quick=True, iterations=5, reservoir=32)
     assert "calibration pass" in capfd.readouterr().err  # the capture does see the bars
 
 
@@ -341,7 +337,7 @@ def test_gate_thresholds_hit_their_density_before_refinement(model):
     """Gate layers at sparsity s skip the fraction 1.5·s of up/down channels: the thresholds read off the
     histogram give that density on the calibration tokens without the refinement passes."""
     cfg = SparsityConfig(method="gate", sparsity=0.4, targets="mlp", allocation="uniform")
-    data = _data(0, 16, 32)
+    data = token_ids(0, 16, 32)
     cal = calibrate(model, data, cfg, progress=False, refine_rounds=0)
     si.sparsify(model, cfg, calibration=cal, progress=False)
     try:
@@ -361,7 +357,7 @@ def test_gate_thresholds_hit_their_density_before_refinement(model):
 def test_error_curves_build_no_autograd_graph(model):
     """error_curves is public: called outside no_grad it must not track the model's weights."""
     cfg = SparsityConfig(method="gate", sparsity=0.3, allocation="greedy")
-    stats = collect_stats(model, _data(0, n=2), cfg, progress=False)
+    stats = collect_stats(model, token_ids(0, n=2), cfg, progress=False)
     assert torch.is_grad_enabled()
     with warnings.catch_warnings():  # float() of a tensor that requires grad warns: make that a failure
         warnings.simplefilter("error", UserWarning)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import importlib.util
 import json
 import os
 import re
@@ -18,24 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import load_bench_script
+
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _load(name: str):
-    path = BENCH / f"{name}.py"
-    if not path.is_file():
-        pytest.skip(f"bench/{name}.py does not exist yet")
-    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[name]
-        raise
-    return module
+    return load_bench_script(name)
 
 
 @pytest.fixture(scope="module")

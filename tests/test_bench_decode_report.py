@@ -4,31 +4,15 @@ under --measure-steps / --profile, and --threads.  Tiny config, reference path, 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from conftest import load_bench_script
 
 
 @pytest.fixture(scope="module")
 def bd():
-    path = BENCH / "bench_decode.py"
-    name = "bench_decode"
-    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up while the file executes
-    try:
-        spec.loader.exec_module(module)
-    except Exception:
-        del sys.modules[name]
-        raise
-    return module
+    return load_bench_script("bench_decode")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,12 @@ from sparse_infer.calibrate import (
     CalibrationStats, chan_quantiles, collect_stats, calibrate, default_calibration_data, hist_quantile, _hist, _log_abs,
 )
 from sparse_infer.models import tiny_model
+from conftest import token_ids
 from sparse_infer.modules import SparseGatedMLP
 
 
 def _data(seed, n=8, length=64):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 128, (length,), generator=g) for _ in range(n)]
+    return token_ids(seed, n, length)
 
 
 @pytest.fixture(scope="module")

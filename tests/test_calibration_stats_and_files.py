@@ -18,11 +18,7 @@ from sparse_infer import SparsityConfig
 from sparse_infer.calibrate import BINS, Calibration, _hist, _log_abs, calibrate, collect_stats, hist_quantile
 from sparse_infer.io import load_calibration
 from sparse_infer.models import tiny_model
-
-
-def _data(seed, n=4, length=32):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 128, (length,), generator=g) for _ in range(n)]
+from conftest import token_ids
 
 
 IDS = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(9))
@@ -43,7 +39,7 @@ THRESHOLD = SparsityConfig(method="threshold", sparsity=0.5, targets="mlp")
 
 
 def test_kl_windows_and_refinement_tokens_are_bounded(model):
-    stats = collect_stats(model, _data(0, n=4, length=32), THRESHOLD, progress=False, kl_samples=2, kl_tokens=20,
+    stats = collect_stats(model, token_ids(0, n=4, length=32), THRESHOLD, progress=False, kl_samples=2, kl_tokens=20,
                           refine_tokens=40)
     assert [len(t) for t in stats.kl_inputs] == [20, 20] and stats.meta["kl_windows"] == [20, 20]
     assert [tuple(t.shape) for t in stats.kl_dense] == [(20, 128), (20, 128)]
@@ -51,20 +47,20 @@ def test_kl_windows_and_refinement_tokens_are_bounded(model):
 
 
 def test_num_samples_stops_the_pass(model):
-    stats = collect_stats(model, _data(0, n=8), THRESHOLD, progress=False, num_samples=3)
+    stats = collect_stats(model, token_ids(0, n=8), THRESHOLD, progress=False, num_samples=3)
     assert stats.meta["calibration_sequences"] == 3 and stats.meta["calibration_tokens"] == 3 * 32
     assert all(st.tokens == 3 * 32 for st in stats.layers.values())
 
 
 def test_reservoir_is_all_tokens_when_there_are_fewer(model):
-    stats = collect_stats(model, _data(0, n=2), THRESHOLD, progress=False, reservoir=512)
+    stats = collect_stats(model, token_ids(0, n=2), THRESHOLD, progress=False, reservoir=512)
     assert stats.meta["reservoir_tokens"] == 64
     assert all(st.sample.shape[0] == 64 for st in stats.layers.values())
 
 
 def test_reservoir_sample_follows_the_seed(model):
     def sample(seed):
-        stats = collect_stats(model, _data(0, n=4), THRESHOLD.replace(seed=seed), progress=False, reservoir=16)
+        stats = collect_stats(model, token_ids(0, n=4), THRESHOLD.replace(seed=seed), progress=False, reservoir=16)
         return stats.layers["model.layers.0.mlp.up_proj"].sample
 
     a = sample(1)
@@ -99,11 +95,11 @@ def test_empty_histogram_is_a_clear_error():
 
 
 def test_reused_statistics_are_checked_against_config_and_model(model):
-    stats = collect_stats(model, _data(0, n=2), THRESHOLD, progress=False)
+    stats = collect_stats(model, token_ids(0, n=2), THRESHOLD, progress=False)
     with pytest.raises(ValueError, match="collected for"):  # per-channel thresholds need per-channel histograms
         calibrate(model, stats, THRESHOLD.replace(per_channel=True), progress=False)
     deeper = tiny_model("llama", num_hidden_layers=3)
-    deep_stats = collect_stats(deeper, _data(0, n=2), THRESHOLD, progress=False)
+    deep_stats = collect_stats(deeper, token_ids(0, n=2), THRESHOLD, progress=False)
     with pytest.raises(ValueError, match="another model"):
         calibrate(model, deep_stats, THRESHOLD, progress=False)
 
@@ -115,14 +111,14 @@ def test_reused_statistics_are_checked_against_config_and_model(model):
 def test_statistics_of_other_weights_are_refused(model, other):
     """Statistics cache SVDs and error tables of the weights they saw: another checkpoint needs its own pass."""
     rsparse = SparsityConfig(method="rsparse", sparsity=0.8, targets="mlp", allocation="greedy")
-    stats = collect_stats(model, _data(0, n=2), rsparse, progress=False)
+    stats = collect_stats(model, token_ids(0, n=2), rsparse, progress=False)
     calibrate(model, stats, rsparse, progress=False)  # the model they came from takes them
     with pytest.raises(ValueError, match=r"collected on other weights \(model\.layers\.0\.mlp\.gate_proj differs"):
         calibrate(other(), stats, rsparse, progress=False)
 
 
 def test_refine_rounds_are_honoured(model):
-    stats = collect_stats(model, _data(0, n=2), THRESHOLD, progress=False)
+    stats = collect_stats(model, token_ids(0, n=2), THRESHOLD, progress=False)
     for rounds in (1, 3):
         cal = calibrate(model, stats, THRESHOLD, progress=False, refine_rounds=rounds)
         assert len(cal.meta["refine_gaps"]) == rounds
@@ -130,7 +126,7 @@ def test_refine_rounds_are_honoured(model):
 
 def test_topk_gating_gives_exact_k_per_token(model):
     cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="greedy")
-    cal = calibrate(model, _data(0, n=2), cfg, progress=False, gating="topk")
+    cal = calibrate(model, token_ids(0, n=2), cfg, progress=False, gating="topk")
     assert cal.meta["gating"] == "topk"
     assert all(e.get("threshold") is None for e in cal.layers.values())
     si.sparsify(model, cfg, calibration=cal, progress=False)
@@ -145,10 +141,10 @@ def test_topk_gating_gives_exact_k_per_token(model):
 def files(model, tmp_path_factory):
     """name -> (config, folder, logits of the patched model); the model is left dense."""
     cases = {
-        "threshold-a": (THRESHOLD, _data(0)),
-        "threshold-b": (THRESHOLD, _data(1)),
+        "threshold-a": (THRESHOLD, token_ids(0)),
+        "threshold-b": (THRESHOLD, token_ids(1)),
         "rsparse": (SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp"), None),
-        "topk-greedy": (SparsityConfig(method="topk", sparsity=0.55, targets="mlp", allocation="greedy"), _data(0)),
+        "topk-greedy": (SparsityConfig(method="topk", sparsity=0.55, targets="mlp", allocation="greedy"), token_ids(0)),
         "topk-uniform": (SparsityConfig(method="topk", sparsity=0.55, targets="mlp"), None),
     }
     out = {}
@@ -242,7 +238,7 @@ def test_misshapen_factors_are_refused(model, files, tmp_path):
 
 def test_tensor_file_of_another_save_is_refused(model, files, tmp_path):
     """Both files are valid and have the same keys and shapes; only the SHA-256 recorded in the JSON tells them apart."""
-    (_c, a, _l), (_c2, b, _l2) = files["threshold-a"], files["threshold-b"]
+    a, b = files["threshold-a"][1], files["threshold-b"][1]
     bad = _copy(a, tmp_path)
     shutil.copy(b / "sparsity.safetensors", bad / "sparsity.safetensors")
     _refused(model, bad, "does not match")

@@ -45,6 +45,21 @@ def token_ids(seed: int, n: int = 4, length: int = 32, vocab: int = 128) -> list
     return [torch.randint(1, vocab, (length,), generator=g) for _ in range(n)]
 
 
+def run_with_stats(model, data) -> dict:
+    """Run a patched model over ``data`` (1-D id tensors) with statistics on: name -> sparse module,
+    each holding the densities its masks reached on these tokens."""
+    import sparse_infer as si
+
+    mods = si.sparse_modules(model)
+    for m in mods.values():
+        m.record_stats = True
+        m.reset_stats()
+    with torch.no_grad():
+        for ids in data:
+            model(ids.unsqueeze(0))
+    return mods
+
+
 def load_bench_script(name: str):
     """bench/<name>.py as a module (bench/ is not a package); skipped where the script does not exist."""
     path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"

@@ -17,7 +17,7 @@ from sparse_infer import SparsityConfig, allocate
 from sparse_infer import reference as ref
 from sparse_infer.calibrate import calibrate, collect_stats
 from sparse_infer.models import tiny_model
-from conftest import token_ids
+from conftest import run_with_stats, token_ids
 
 FINE = allocate.FINE
 
@@ -341,14 +341,7 @@ def test_gate_thresholds_hit_their_density_before_refinement(model):
     cal = calibrate(model, data, cfg, progress=False, refine_rounds=0)
     si.sparsify(model, cfg, calibration=cal, progress=False)
     try:
-        mods = si.sparse_modules(model)
-        for m in mods.values():
-            m.record_stats = True
-            m.reset_stats()
-        with torch.no_grad():
-            for ids in data:
-                model(ids.unsqueeze(0))
-        for name, m in mods.items():
+        for name, m in run_with_stats(model, data).items():
             assert abs(m.measured_density - (1 - 1.5 * 0.4)) <= 0.02, (name, m.measured_density)
     finally:
         si.unsparsify(model)

@@ -13,7 +13,7 @@ from sparse_infer.calibrate import (
     CalibrationStats, chan_quantiles, collect_stats, calibrate, default_calibration_data, hist_quantile, _hist, _log_abs,
 )
 from sparse_infer.models import tiny_model
-from conftest import token_ids
+from conftest import run_with_stats, token_ids
 from sparse_infer.modules import SparseGatedMLP
 
 
@@ -24,17 +24,6 @@ def _data(seed, n=8, length=64):
 @pytest.fixture(scope="module")
 def model():
     return tiny_model("llama")
-
-
-def _measured(model, data):
-    mods = si.sparse_modules(model)
-    for m in mods.values():
-        m.record_stats = True
-        m.reset_stats()
-    with torch.no_grad():
-        for ids in data:
-            model(ids.unsqueeze(0))
-    return mods
 
 
 def _achieved(model):
@@ -73,7 +62,7 @@ def test_thresholds_hit_target_on_held_out_tokens(model, per_channel, target):
     cal = calibrate(model, _data(0, 48, 32), cfg, progress=False)
     si.sparsify(model, cfg, calibration=cal, progress=False)
     try:
-        mods = _measured(model, _data(1, 48, 32))  # held out: other tokens than the calibration ones
+        mods = run_with_stats(model, _data(1, 48, 32))  # held out: other tokens than the calibration ones
         for name, m in mods.items():
             assert abs((1 - m.measured_density) - target) <= 0.02, (name, m.measured_density)
         assert abs(si.model_sparsity(model, measured=True) - target) <= 0.02
@@ -86,7 +75,7 @@ def test_gate_thresholds_hit_target(model):
     cal = calibrate(model, _data(0, 48, 32), cfg, progress=False)
     si.sparsify(model, cfg, calibration=cal, progress=False)
     try:
-        mods = _measured(model, _data(1, 48, 32))
+        mods = run_with_stats(model, _data(1, 48, 32))
         for m in mods.values():
             assert abs(m.measured_density - (1 - 1.5 * 0.5)) <= 0.02
     finally:
@@ -340,7 +329,7 @@ def test_importance_thresholds_hit_their_density_before_refinement(model):
     cal = calibrate(model, data, cfg, progress=False, refine_rounds=0)
     si.sparsify(model, cfg, calibration=cal, progress=False)
     try:
-        for name, m in _measured(model, data).items():
+        for name, m in run_with_stats(model, data).items():
             assert m.target_density is not None and abs(m.measured_density - m.target_density) <= 0.02, name
     finally:
         si.unsparsify(model)

@@ -286,7 +286,7 @@ def step_weight_bytes(model, dense_bytes: float, tokens: int,
 
     Per sparse module: a module whose kernel falls back to gate + dense matmul at this token count
     (``PER_TOKEN_FALLBACK_TOKENS`` for per-token masks, ``DENSE_FALLBACK_TOKENS`` for shared ones,
-    ``GATED_MLP_FALLBACK_TOKENS`` for the fused CATS MLP, or the module's own ``dense_prefill_above``)
+    ``GATED_MLP_FALLBACK_TOKENS`` for the fused CATS MLP, or a ``dense_prefill_above`` of 0)
     reads all its weights; otherwise it reads the channels of ``densities[name]``, the measured density
     of the union of the step's masks (for per-token masks and several tokens: the union over the
     batch's tokens, which the kernels read), or the nominal density (target) where nothing was measured.
@@ -304,7 +304,7 @@ def step_weight_bytes(model, dense_bytes: float, tokens: int,
         else:
             dense, size = m.in_features * m.out_features, m.weight.element_size()
             fallback = tokens > (dense_fb if m.shared else min(per_token_fb, dense_fb))
-        if m.dense_prefill_above is not None and tokens > m.dense_prefill_above:
+        if m.dense_prefill_above is not None and m.dense_prefill_above < 1:  # a decode step is 1 position per sequence
             fallback = True
         if fallback:
             read, how = dense, "dense fallback"

@@ -47,8 +47,10 @@ class SparsityConfig:
             mask for all tokens of a decode step, the top-k channels of their
             RMS importance: the bytes read stay at the budget whatever the
             batch size; calibrated thresholds are not used in this mode).
-        dense_prefill_above: a call with more tokens than this runs dense
-            (decode-only sparsity, as R-Sparse evaluates); ``None`` sparsifies every token.
+        dense_prefill_above: a call over more positions per sequence than this runs
+            dense (decode-only sparsity, as R-Sparse evaluates: prefill dense, every decode
+            step sparse whatever the batch size; 2-D input counts its rows);
+            ``None`` sparsifies every token.
         backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"``, ``"reference"``.
         rank_fraction: rsparse only, the share of each layer's byte budget spent on
             the low-rank factor when no calibration chose it.

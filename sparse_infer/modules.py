@@ -33,6 +33,12 @@ def _num_tokens(x: torch.Tensor) -> int:
     return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
+def _positions(x: torch.Tensor) -> int:
+    """Positions per sequence in a call: the sequence length of (..., seq, features) input, so a
+    decode step counts 1 whatever the batch size; 2-D (tokens, features) input counts its rows."""
+    return x.shape[-2] if x.dim() >= 3 else _num_tokens(x)
+
+
 def _to_kernel_layout(param: torch.Tensor) -> None:
     """Store a CUDA weight column-major, in place (same Parameter, same values)."""
     if param.is_cuda and param.stride(0) != 1:
@@ -110,7 +116,7 @@ class _GatedBase(nn.Module):
         return 1.0 if d is None else d
 
     def _runs_dense(self, x: torch.Tensor) -> bool:
-        return self.dense_prefill_above is not None and _num_tokens(x) > self.dense_prefill_above
+        return self.dense_prefill_above is not None and _positions(x) > self.dense_prefill_above
 
     def _record(self, mask: torch.Tensor, tokens: int, dense: bool = False):
         if not self.record_stats:

@@ -7,6 +7,7 @@ set here, before the tests import sparse_infer.kernels.
 
 import importlib.util
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -58,6 +59,56 @@ def run_with_stats(model, data) -> dict:
         for ids in data:
             model(ids.unsqueeze(0))
     return mods
+
+
+class ByteTokenizer:
+    """Each UTF-8 byte one token: enough for a 256-token tiny model, no tokenizer files."""
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def short_text(n_words=1200, seed=0) -> str:
+    """Random common English words: an evaluation text for tiny models."""
+    rng = random.Random(seed)
+    words = "the of and a to in is was on for as with by he at from his an were are which this be".split()
+    return " ".join(rng.choice(words) for _ in range(n_words))
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("text") / "short.txt"
+    p.write_text(short_text(), encoding="utf-8")
+    return str(p)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama with a byte-level tokenizer (256 tokens), as `--model` reads it."""
+    from sparse_infer.models import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", vocab_size=256).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    return str(d)
+
+
+def nearly_lowrank_model(rank: int = 8, noise: float = 0.02):
+    """A tiny Llama whose MLP weights are nearly rank ``rank``: where the low-rank path pays off
+    (a random model's error tables give every layer rank 0)."""
+    import math
+
+    from sparse_infer.models import tiny_model
+
+    model = tiny_model("llama", seed=5)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                o, i = lin.weight.shape
+                lr = torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g) / math.sqrt(rank * i)
+                lin.weight.copy_(lr + noise * torch.randn(o, i, generator=g) / math.sqrt(i))
+    return model
 
 
 def load_bench_script(name: str):

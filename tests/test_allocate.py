@@ -17,7 +17,7 @@ from sparse_infer import SparsityConfig, allocate
 from sparse_infer import reference as ref
 from sparse_infer.calibrate import calibrate, collect_stats
 from sparse_infer.models import tiny_model
-from conftest import run_with_stats, token_ids
+from conftest import nearly_lowrank_model, run_with_stats, token_ids
 
 FINE = allocate.FINE
 
@@ -29,16 +29,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def lowrank_model():
-    """Nearly low-rank MLP weights: the error tables give these layers a rank (a random model gets rank 0)."""
-    model = tiny_model("llama", seed=5)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                o, i = lin.weight.shape
-                lin.weight.copy_(torch.randn(o, 6, generator=g) @ torch.randn(6, i, generator=g) / math.sqrt(6 * i)
-                                 + 0.05 * torch.randn(o, i, generator=g) / math.sqrt(i))
-    return model
+    return nearly_lowrank_model(rank=6, noise=0.05)
 
 
 def _rel_err(Z, W, drop):

@@ -13,7 +13,7 @@ from sparse_infer.calibrate import (
     CalibrationStats, chan_quantiles, collect_stats, calibrate, default_calibration_data, hist_quantile, _hist, _log_abs,
 )
 from sparse_infer.models import tiny_model
-from conftest import run_with_stats, token_ids
+from conftest import nearly_lowrank_model, run_with_stats, token_ids
 from sparse_infer.modules import SparseGatedMLP
 
 
@@ -146,21 +146,8 @@ def test_sensitivities_single_out_the_layer_that_matters(model):
     assert weighted["sparsity"][i] < plain["sparsity"][i] - 0.1
 
 
-def _lowrank_model(rank=8, noise=0.02):
-    """A tiny model whose MLP weights are nearly rank ``rank``: the low-rank path pays off there."""
-    model = tiny_model("llama", seed=5)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                o, i = lin.weight.shape
-                lr = torch.randn(o, rank, generator=g) @ torch.randn(rank, i, generator=g) / math.sqrt(rank * i)
-                lin.weight.copy_(lr + noise * torch.randn(o, i, generator=g) / math.sqrt(i))
-    return model
-
-
 def test_rsparse_factors_and_ranks():
-    model = _lowrank_model()
+    model = nearly_lowrank_model()
     cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="uniform")
     cal = calibrate(model, _data(0), cfg, progress=False)
     assert all(e["rank"] > 0 for e in cal.layers.values())
@@ -281,7 +268,7 @@ def test_activation_basis_beats_svd_on_the_inputs_it_sees():
 
 
 def test_calibrated_activation_factor_has_lower_error_on_inactive_inputs():
-    model = _lowrank_model(noise=0.3)
+    model = nearly_lowrank_model(noise=0.3)
     data = _data(0)
     base = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="uniform")
     cal_a = calibrate(model, data, base.replace(lowrank="activation"), progress=False, refine_rounds=0)

@@ -2,33 +2,19 @@
 
 import csv
 import json
-import random
 import subprocess
 import sys
 
 import pytest
 
 from sparse_infer.cli import main
-from conftest import byte_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random Llama with a byte-level tokenizer (256 tokens), as `--model` reads it."""
-    from sparse_infer.models import tiny_model
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", vocab_size=256).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    return str(d)
+from conftest import byte_tokenizer, short_text
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
-    rng = random.Random(1)
-    words = "the of and a to in is was on for as with by he at from his an were are which this be".split()
     p = tmp_path_factory.mktemp("text") / "short.txt"
-    p.write_text(" ".join(rng.choice(words) for _ in range(1200)), encoding="utf-8")
+    p.write_text(short_text(seed=1), encoding="utf-8")
     return str(p)
 
 

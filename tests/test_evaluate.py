@@ -3,7 +3,6 @@
 import csv
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -11,29 +10,9 @@ import torch
 from sparse_infer import report
 from sparse_infer.evaluate import EvalError, EvalSettings, evaluate, weight_read_fraction
 from sparse_infer.models import tiny_model
-from conftest import byte_tokenizer
+from conftest import ByteTokenizer, byte_tokenizer
 
 METHODS = ("dense", "topk", "threshold", "gate", "rsparse")
-
-
-class ByteTokenizer:
-    """Each UTF-8 byte one token: enough for a 256-token tiny model."""
-
-    def __call__(self, text, add_special_tokens=False, return_attention_mask=False):
-        return {"input_ids": list(text.encode("utf-8"))}
-
-
-def short_text(n_words=1200, seed=0):
-    rng = random.Random(seed)
-    words = "the of and a to in is was on for as with by he at from his an were are which this be".split()
-    return " ".join(rng.choice(words) for _ in range(n_words))
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    p = tmp_path_factory.mktemp("text") / "short.txt"
-    p.write_text(short_text(), encoding="utf-8")
-    return str(p)
 
 
 def run(text_file, **kw):

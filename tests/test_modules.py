@@ -70,6 +70,9 @@ def test_dense_prefill_policy(linear):
     long_x, short_x = torch.randn(1, 5, 37), torch.randn(1, 4, 37)
     assert torch.equal(m(long_x), linear(long_x))  # 5 tokens > 4: dense
     assert not torch.allclose(m(short_x), linear(short_x))  # decode-size call: sparse
+    batch_step = torch.randn(8, 1, 37)  # one decode step of 8 sequences: 8 tokens, 1 position each
+    assert not torch.allclose(m(batch_step), linear(batch_step))
+    assert torch.equal(m(long_x[0]), linear(long_x[0]))  # 2-D input: its 5 rows are the positions
 
 
 def test_measured_density(linear):

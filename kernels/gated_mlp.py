@@ -85,6 +85,7 @@ Limitations
 
 from __future__ import annotations
 
+import math
 import operator
 from typing import Optional
 
@@ -435,7 +436,7 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
     inter = gate_weight.shape[0]
     out_f = down_weight.shape[0]
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, hidden)
+    x2 = x.reshape(math.prod(lead), hidden)  # -1 cannot be inferred when hidden is 0
     M = x2.shape[0]
     # shared gating over (batch, seq>1, hidden) has one mask per position: not served here
     if M > MAX_KERNEL_TOKENS or (gate.shared and x.dim() >= 3 and x.shape[-2] > 1):

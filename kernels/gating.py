@@ -29,6 +29,7 @@ the threshold in their own pass over ``x``.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -285,7 +286,7 @@ def _check_x(x: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"gating kernels serve float16/bfloat16/float32 activations, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (..., in_features)")
-    return x.reshape(-1, x.shape[-1])
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # -1 cannot be inferred when in_features is 0
 
 
 def _check_scale(scale: Optional[torch.Tensor], K: int, device) -> Optional[torch.Tensor]:

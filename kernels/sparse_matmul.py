@@ -64,6 +64,7 @@ Known limitations / races:
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -424,7 +425,7 @@ def _check_linear(x, weight, bias):
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(f"bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}")
         bias = bias.contiguous()
-    return x.reshape(-1, x.shape[-1]), bias
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), bias  # -1 cannot be inferred when in_features is 0
 
 
 def _gate_args(x2: torch.Tensor, gate, block_m_fused: int, steps: int = 1) -> dict:

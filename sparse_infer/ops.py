@@ -12,6 +12,7 @@ by all tokens of the call.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ def gated_mlp(
     if (
         act_name is not None
         and use_kernels(backend, x, gate, *linear_params(gate_proj, up_proj, down_proj))
-        and x.numel() // x.shape[-1] <= _kernels().GATED_MLP_FALLBACK_TOKENS
+        and math.prod(x.shape[:-1]) <= _kernels().GATED_MLP_FALLBACK_TOKENS
     ):
         return _kernels().gated_mlp(
             x, gate_proj.weight, up_proj.weight, down_proj.weight, act_name, gate,

@@ -48,16 +48,6 @@ def ref_rsparse(x, w, b, mask, A, B):
     return ref.rsparse_linear(x.double(), w.double(), None if b is None else b.double(), mask, A.double(), B.double())
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Names of the kernel entry points ``sparse_infer.ops`` reached."""
-    calls = []
-    for name in ("sparse_linear", "rsparse_linear", "gated_mlp"):
-        fn = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*a, **kw))
-    return calls
-
-
 # --------------------------------------------------------------------------- ops: Gate, backends, gradients
 def test_gate_takes_exactly_one_of_k_or_threshold():
     with pytest.raises(ValueError, match="exactly one of k"):

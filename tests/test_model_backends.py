@@ -35,18 +35,6 @@ REFERENCE_BY_DESIGN = {("gate", "shared", "decode-batch3"), ("gate", "shared", "
                        ("topk", "shared", "prefill-6"), ("rsparse", "shared", "prefill-6")}
 
 
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts the calls that reach the Triton kernels (a silent fallback would leave it at 0)."""
-    import sparse_infer.kernels as K
-
-    calls = []
-    for name in ("sparse_linear", "rsparse_linear", "gated_mlp"):
-        fn = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _fn=fn, _name=name, **kw: calls.append(_name) or _fn(*a, **kw))
-    return calls
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("method,mode,targets,shape_id", [
     (*case, shape_id) for shape_id in SHAPES for case in CASES if (case[0], case[1], shape_id) not in REFERENCE_BY_DESIGN

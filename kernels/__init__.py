@@ -19,13 +19,22 @@ custom ops (kernels/_ops.py); under ``torch.compile`` the functions above route
 through them (one opaque node each, no graph break).
 """
 
-from .gating import threshold_gate, threshold_mask, topk_gate, topk_mask
-from .rsparse_matmul import rsparse_linear
-from .sparse_matmul import DENSE_FALLBACK_TOKENS, PER_TOKEN_FALLBACK_TOKENS, sparse_linear, to_kernel_layout
-from .gated_mlp import GATED_MLP_FALLBACK_TOKENS, gated_mlp
-from . import _ops  # noqa: F401  registers torch.ops.sparse_infer.sparse_linear / rsparse_linear / gated_mlp
+# Only as ``sparse_infer.kernels``.  In a source checkout whose root is on sys.path (``python -m pytest``,
+# ``PYTHONPATH=.``), this folder is also importable as a top-level ``kernels``, and transformers imports any
+# ``kernels`` it finds to read its version (the hub-kernels probe).  A second copy would re-register the
+# custom ops below with its own config table, overrides, fallback cutoffs and workspace, so compiled calls
+# would stop seeing settings made on ``sparse_infer.kernels``: under that name this package stays empty.
+if __name__ == "sparse_infer.kernels":
+    from .gating import threshold_gate, threshold_mask, topk_gate, topk_mask
+    from .rsparse_matmul import rsparse_linear
+    from .sparse_matmul import DENSE_FALLBACK_TOKENS, PER_TOKEN_FALLBACK_TOKENS, sparse_linear, to_kernel_layout
+    from .gated_mlp import GATED_MLP_FALLBACK_TOKENS, gated_mlp
+    from . import _ops  # noqa: F401  registers torch.ops.sparse_infer.sparse_linear / rsparse_linear / gated_mlp
 
-__all__ = [
-    "sparse_linear", "rsparse_linear", "topk_gate", "threshold_gate", "topk_mask", "threshold_mask",
-    "to_kernel_layout", "DENSE_FALLBACK_TOKENS", "PER_TOKEN_FALLBACK_TOKENS", "gated_mlp", "GATED_MLP_FALLBACK_TOKENS",
-]
+    __all__ = [
+        "sparse_linear", "rsparse_linear", "topk_gate", "threshold_gate", "topk_mask", "threshold_mask",
+        "to_kernel_layout", "DENSE_FALLBACK_TOKENS", "PER_TOKEN_FALLBACK_TOKENS", "gated_mlp",
+        "GATED_MLP_FALLBACK_TOKENS",
+    ]
+else:
+    __all__ = []

@@ -167,7 +167,8 @@ def _mm(label, dt, M, N, K, cfg, *, mode, w="col", y_dt=None, bias=False, scale=
     const = dict(MODE=mode, INVERT=invert, HAS_SCALE=scale, HAS_BIAS=bias, LOWRANK=R > 0, BLOCK_M=cfg.BLOCK_M,
                  BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split, USE_DOT=use_dot, DOT_NATIVE=dot_native,
                  ACC_2D=cfg.acc_2d and cfg.BLOCK_M == 1, EVEN_N=N % cfg.BLOCK_N == 0,
-                 BF16_PAIRS=cfg.bf16_pairs and not use_dot and pairs_ok, PREFETCH=cfg.prefetch)
+                 BF16_PAIRS=cfg.bf16_pairs and not use_dot and pairs_ok, PREFETCH=cfg.prefetch,
+                 SWAP_AB=cfg.swap_ab and use_dot)
     return Launch("_sparse_mm_kernel", label, vals, const,
                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True))
 
@@ -359,6 +360,9 @@ def cases() -> list[Launch]:
                 M = 4 if bucket == 8 else 16
                 sl(f"bf16 M={M} shared threshold density 0.5 [{tag}]", "bf16", M, *LL, "thr-shared", density=0.5, ov=v)
                 sl(f"bf16 M={M} threshold [{tag}]", "bf16", M, *LL, "thr", ov=v)
+    # swapped wgmma operands in the other dtypes (fp16 native, fp32 the IEEE dot), one token and several
+    sl("fp16 M=1 top-k, bias [swap_ab]", "fp16", 1, *LL, "topk", bias=True, ov=dict(swap_ab=True, num_warps=4, num_stages=3))
+    sl("fp32 M=3 threshold [swap_ab]", "fp32", 3, *LL, "thr", ov=dict(swap_ab=True, num_warps=4, num_stages=3))
     # above the dense-fallback cutoffs (reachable when they are raised): BLOCK_M 32 and 64
     sl("bf16 M=32 shared threshold (cutoffs raised)", "bf16", 32, *LL, "thr-shared")
     sl("bf16 M=64 threshold (cutoffs raised)", "bf16", 64, *LL, "thr")

@@ -12,7 +12,7 @@ echo "bench_kernels.py exit $?"
 grep -E "^(FINAL|FALLBACK|LAUNCH|NVIDIA|wrote)|WRONG|FAILED|Error" $OUT/final.log
 # -rA names every passing test in the log (KERNEL_NOTES asks for on_a_score, matrix and strided by name)
 timeout -s INT 80 python -m pytest tests/test_kernels.py -rA -n 8 -p no:cacheprovider \
-    -k "cuda_graph or paths or nan or density or custom_ops or gemv_variants or readback or prefetch or compacted or on_a_score" \
+    -k "cuda_graph or paths or nan or density or custom_ops or gemv_variants or readback or prefetch or compacted or on_a_score or swap_ab" \
     > $OUT/tests_kernels.log 2>&1
 echo "test_kernels exit $?"; summary $OUT/tests_kernels.log
 # gated MLP top-k now runs gating's selection kernel: its selection, tie and shared (RMS) cases on CUDA;

@@ -44,6 +44,13 @@ VARIANTS = {
     "m16-compact": (dict(num_warps=4, num_stages=2), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True)),
     "m16-compact-3stages": (dict(num_warps=4, num_stages=3), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True)),
     "m16-compact-4stages": (dict(num_warps=4, num_stages=4), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True)),
+    # swap_ab (stop 22): the W^T tile as wgmma's M side, 1..16 tokens padded to 16 as its N side
+    "swap-pregated-3stages": (dict(num_warps=4, num_stages=3), dict(BLOCK_M=16, MODE=5, USE_DOT=True, DOT_NATIVE=True,
+                                                                    SWAP_AB=True)),
+    "swap-pregated-3stages-bk128": (dict(num_warps=4, num_stages=3), dict(BLOCK_M=16, MODE=5, USE_DOT=True,
+                                                                          DOT_NATIVE=True, SWAP_AB=True, BLOCK_K=128)),
+    "swap-compact-3stages": (dict(num_warps=4, num_stages=3), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True,
+                                                                   SWAP_AB=True)),
 }
 
 
@@ -65,7 +72,7 @@ def compile_variant(options: dict, consts: dict, N: int = 14336, K: int = 4096):
 
     const = dict(MODE=0, INVERT=False, HAS_SCALE=False, HAS_BIAS=False, LOWRANK=False, BLOCK_M=1, BLOCK_N=128,
                  BLOCK_K=64, SPLIT_K=9, USE_DOT=False, DOT_NATIVE=False, ACC_2D=False, EVEN_N=N % 128 == 0,
-                 BF16_PAIRS=False, PREFETCH=False)
+                 BF16_PAIRS=False, PREFETCH=False, SWAP_AB=False)
     const.update(consts)
     R = 320 if const["LOWRANK"] else 0
     k_blocks = 7  # K blocks per split (ints below): the compaction block is one split's channels
@@ -140,7 +147,11 @@ def analyse(compiled) -> dict:
                 # loop waits for every copy it issued, i.e. no overlap of the weight stream with the math
                 in_flight=max((int(m.group(1), 16) for o, line in zip(loop, loop_lines)
                                for m in [re.search(r"DEPBAR\.LE SB0, (0x[0-9a-f]+)", line)] if m), default=None),
-                loop_ops=collections.Counter(loop))
+                loop_ops=collections.Counter(loop),
+                # tensor-core instructions per K iteration: HGMMA = sm_90 wgmma, HMMA = mma.sync
+                mma=", ".join(f"{o} {n}" for o, n in collections.Counter(
+                    o for o in loop if o in ("HGMMA", "HMMA")).items()) or "-",
+                shared=getattr(compiled.metadata, "shared", 0))
 
 
 def main(argv=None):
@@ -151,16 +162,19 @@ def main(argv=None):
     import triton
     print(f"triton {triton.__version__}, sm_90, 4096 -> 14336 bf16, column-major weight")
     print("| variant | registers | stack B | instructions | K-loop instructions (per warp) | warp-instructions "
-          "per 1k weights | LDG.128 | GPU fences | copy groups in flight | loop opcodes |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "per 1k weights | LDG.128 | GPU fences | copy groups in flight | MMA per K iteration | shared KB | "
+          "loop opcodes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|")
     for name in args.variants:
         options, consts = VARIANTS[name]
         a = analyse(compile_variant(options, consts))
-        # the loop body covers one BLOCK_K x BLOCK_N tile (128 x 64 here) per iteration, split over the warps
-        per_k = a["loop"] * options.get("num_warps", 1) / (128 * 64 / 1024)
+        # the loop body covers one BLOCK_K x BLOCK_N tile (64 x 128 unless the variant says) per iteration, split
+        # over the warps
+        per_k = a["loop"] * options.get("num_warps", 1) / (consts.get("BLOCK_K", 64) * consts.get("BLOCK_N", 128) / 1024)
         ops = ", ".join(f"{o} {n}" for o, n in a["loop_ops"].most_common(args.opcodes))
         print(f"| {name} | {a['regs']} | {a['stack']} | {a['instructions']} | {a['loop']} | {per_k:.0f} | "
-              f"{a['ldg128']} | {a['fences']} | {'-' if a['in_flight'] is None else a['in_flight']} | {ops} |", flush=True)
+              f"{a['ldg128']} | {a['fences']} | {'-' if a['in_flight'] is None else a['in_flight']} | {a['mma']} | "
+              f"{a['shared'] / 1024:.0f} | {ops} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -50,6 +50,11 @@ class MatmulConfig:
     # issue the loads that pick the next block's weight rows (x and its gate, or the next active ids)
     # while this block's rows are in flight: one memory round trip per iteration instead of two
     prefetch: bool = False
+    # tensor-core dot with the operands swapped: the W^T tile (BLOCK_N outputs) is the MMA's M side and the
+    # tokens, padded to 16, its N side.  With BLOCK_N >= 64 and 4 warps Triton emits sm_90 wgmma reading W
+    # from shared memory (cp.async, pipelined over num_stages) instead of mma.sync with the tokens as M; also
+    # serves M = 1, always with the gate in a separate pass (an in-kernel gate stops the pipelining)
+    swap_ab: bool = False
 
 
 # token buckets: 1 | 2..8 | 9..16 | 17..32 | 33..64
@@ -144,6 +149,8 @@ def _matmul_config(M: int, dtype: torch.dtype, device: torch.device) -> MatmulCo
         if dtype == torch.float32 and (cfg.BLOCK_N * cfg.BLOCK_K * max(cfg.BLOCK_M, 1) > 256 * 64
                                        or cfg.BLOCK_N * cfg.BLOCK_K > 128 * 32 * cfg.num_warps):
             cfg = replace(cfg, BLOCK_N=max(32, cfg.BLOCK_N // 2))
+    if cfg.swap_ab:
+        return replace(cfg, BLOCK_M=max(16, min(max(16, cfg.BLOCK_M), _pow2(M))), use_dot=True, pregate=True)
     if M == 1:
         return replace(cfg, BLOCK_M=1, use_dot=False, pregate=False)
     if cfg.use_dot:

@@ -30,6 +30,12 @@ Design (one launch):
   also compact the active channel ids per K-block (MODE 6: the matmul then
   loops over active rows only; chosen by the gate's expected density,
   ``MatmulConfig.compact_below``).
+* ``SWAP_AB`` (``MatmulConfig.swap_ab``, opt-in, untimed): the tensor-core dot
+  with the W^T tile as the MMA's M side (BLOCK_N outputs) and the tokens,
+  padded to 16, as its N side; with 4 warps and BLOCK_N >= 64 Triton emits
+  sm_90 wgmma that reads W from shared memory, filled by cp.async over
+  ``num_stages`` (a masked row is a zero-filled copy: no DRAM traffic).  One
+  token takes this path too, with the gate in a separate pass.
 * ``PREFETCH`` (opt-in, untimed): the loads that decide the next block's
   rows (x and its gate, or the next active ids) are issued while this
   block's rows are in flight: one memory round trip per iteration, not two.
@@ -193,19 +199,31 @@ def _load_rows(w_ptr, rows, row_ok, n0, offs_n, n_ok, N, stride_wk, stride_wn,
 
 @triton.jit
 def _accumulate(acc, x, xf, keep, w, BLOCK_M: tl.constexpr, USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr,
-                ACC_2D: tl.constexpr):
+                ACC_2D: tl.constexpr, SWAP_AB: tl.constexpr, ZERO_FILLED: tl.constexpr):
     """acc += where(keep, x, 0) @ w in fp32 (tensor-core dot, GEMV, or few-token FMAs).
 
     GEMV with ``ACC_2D``: acc is (BLOCK_K, BLOCK_N) and takes elementwise FMAs; the K reduction
     happens once after the loop instead of every iteration (with several warps per program that
-    per-iteration reduction is a shared-memory exchange and barriers)."""
+    per-iteration reduction is a shared-memory exchange and barriers).
+    ``SWAP_AB``: acc is (BLOCK_N, BLOCK_M), the W^T tile is the MMA's M side.  ``ZERO_FILLED``: x was
+    loaded with ``keep`` as its mask and zero elsewhere, so the select is the identity; the swapped
+    path then hands x's shared-memory copy to the MMA as it is (no round trip through registers)."""
     if USE_DOT:
         if DOT_NATIVE:
-            xe = tl.where(keep, x, tl.zeros_like(x)).to(w.dtype)
-            acc = tl.dot(xe, w, acc)
+            if SWAP_AB and ZERO_FILLED:
+                xe = x.to(w.dtype)
+            else:
+                xe = tl.where(keep, x, tl.zeros_like(x)).to(w.dtype)
+            if SWAP_AB:
+                acc = tl.dot(tl.trans(w), tl.trans(xe), acc)
+            else:
+                acc = tl.dot(xe, w, acc)
         else:
             xe = tl.where(keep, xf, 0.0)
-            acc = tl.dot(xe, w.to(tl.float32), acc, input_precision="ieee")
+            if SWAP_AB:
+                acc = tl.dot(tl.trans(w.to(tl.float32)), tl.trans(xe), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xe, w.to(tl.float32), acc, input_precision="ieee")
     elif BLOCK_M == 1:
         xe = tl.sum(tl.where(keep, xf, 0.0), axis=0)
         if ACC_2D:
@@ -233,7 +251,7 @@ def _sparse_mm_kernel(
     LOWRANK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr, ACC_2D: tl.constexpr, EVEN_N: tl.constexpr,
-    BF16_PAIRS: tl.constexpr, PREFETCH: tl.constexpr,
+    BF16_PAIRS: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -242,7 +260,9 @@ def _sparse_mm_kernel(
     n_ok = offs_n < N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
-    if BLOCK_M > 1:
+    if BLOCK_M > 1 and SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    elif BLOCK_M > 1:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     elif ACC_2D:
         acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -272,7 +292,8 @@ def _sparse_mm_kernel(
                            BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
             if PREFETCH:  # offsets as r + BLOCK_K: written as (i + BLOCK_K) + arange, sm_90 code had ~60 more
                 ids = _active_ids(ids_ptr, r + BLOCK_K, n_act)
-            acc = _accumulate(acc, x, x.to(tl.float32), xmask, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
+            acc = _accumulate(acc, x, x.to(tl.float32), xmask, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D, SWAP_AB,
+                              True)
     else:
         k_end = tl.minimum(K, k_base + K_BLOCKS_PER_SPLIT * BLOCK_K)  # this split's channels
         if PREFETCH:
@@ -290,7 +311,7 @@ def _sparse_mm_kernel(
                 xn, xfn, keepn, anyn = _x_gate(x_ptr, k0 + BLOCK_K, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr,
                                                stride_xm, stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE,
                                                INVERT, BLOCK_K)
-            acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
+            acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D, SWAP_AB, MODE == 5)
             if PREFETCH:
                 x, xf, keep, any_k = xn, xfn, keepn, anyn
 
@@ -304,10 +325,12 @@ def _sparse_mm_kernel(
             z = tl.load(z_ptr + offs_m[:, None] * stride_zm + offs_r[None, :] * stride_zr, mask=zmask, other=0.0)
             bw = _load_rows(lb_ptr, offs_r, r_ok, pid_n * BLOCK_N, offs_n, n_ok, N, stride_br, stride_bn,
                             BLOCK_K, BLOCK_N, EVEN_N, False)
-            acc = _accumulate(acc, z, z, zmask, bw, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D)
+            acc = _accumulate(acc, z, z, zmask, bw, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D, SWAP_AB, True)
 
     # ---- split-K reduction in fp32, finished by the last program of the tile
-    if BLOCK_M > 1:
+    if BLOCK_M > 1 and SWAP_AB:
+        out = tl.trans(acc)
+    elif BLOCK_M > 1:
         out = acc
     elif ACC_2D:
         out = tl.sum(acc, axis=0)[None, :]
@@ -398,7 +421,7 @@ def _launch(x2, w, bias, y, *, mode, t=None, stride_t=0, scale=None, gm=None, in
         BLOCK_M=block_m, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split,
         USE_DOT=use_dot, DOT_NATIVE=dot_native, ACC_2D=cfg.acc_2d and block_m == 1,
         EVEN_N=N % cfg.BLOCK_N == 0, BF16_PAIRS=cfg.bf16_pairs and not use_dot and _pairs_ok(w),
-        PREFETCH=cfg.prefetch,
+        PREFETCH=cfg.prefetch, SWAP_AB=cfg.swap_ab and use_dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=True,  # the GEMV loop is FMAs; Triton 3.10 turns fusion off by default (3.9 warns)
     )
@@ -482,7 +505,7 @@ def _gate_plan(M: int, N: int, K: int, x2: torch.Tensor, density: Optional[float
     cfg = _autotune.matmul_config(M, N, K, x2.dtype, x2.device)
     if cfg.compact or (density is not None and density <= cfg.compact_below):
         return True, compact_block(M, N, K, x2)
-    return cfg.pregate and M > 1, 0
+    return cfg.pregate and (M > 1 or cfg.use_dot), 0  # one token takes the dot only with swap_ab
 
 
 def density_hint(gate, K: int, M: int = 1, steps: int = 1) -> Optional[float]:

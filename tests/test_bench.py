@@ -378,11 +378,13 @@ def test_sass_count_compiles_for_sm90():
     weights issues fewer K-loop instructions than Triton's own widening, for the same 16-byte loads, the
     split-K tail has one GPU-wide fence (the counter's release), not one per element group, and the 3-stage
     tensor-core loop over compacted ids keeps weight copies in flight while it waits (with 4-byte ids it
-    waited for all of them).  (A subprocess: this session's kernels were built for the interpreter, which
-    cannot compile.)"""
+    waited for all of them), and the swapped operands (swap_ab) turn the tensor-core loop from mma.sync into
+    sm_90 wgmma with copies in flight.  (A subprocess: this session's kernels were built for the interpreter,
+    which cannot compile.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     script = Path(__file__).resolve().parents[1] / "bench" / "sass_count.py"
-    run = subprocess.run([sys.executable, str(script), "--variants", "default", "pairs", "m16-compact-3stages"],
+    names = ("default", "pairs", "m16-compact-3stages", "m16-dot-pregated", "swap-pregated-3stages")
+    run = subprocess.run([sys.executable, str(script), "--variants", *names],
                          env=env, capture_output=True, text=True, timeout=300)
     if run.returncode and re.search(r"ptxas|nvdisasm|cuobjdump", run.stderr):
         pytest.skip(f"this triton build cannot compile for sm_90: {run.stderr[-300:]}")
@@ -390,14 +392,17 @@ def test_sass_count_compiles_for_sm90():
     rows = {}
     for line in run.stdout.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] in ("default", "pairs", "m16-compact-3stages"):
+        if cells[0] in names:
             rows[cells[0]] = dict(regs=int(cells[1]), loop=int(cells[4]), ldg128=int(cells[6]), fences=int(cells[7]),
-                                  in_flight=cells[8])
+                                  in_flight=cells[8], mma=cells[9])
     assert rows["default"]["regs"] > 0 and rows["default"]["loop"] > 0
     assert rows["default"]["ldg128"] == rows["pairs"]["ldg128"] > 0
     assert rows["pairs"]["loop"] < rows["default"]["loop"]
     assert rows["default"]["fences"] == rows["pairs"]["fences"] == 1
     assert int(rows["m16-compact-3stages"]["in_flight"]) >= 1
+    assert rows["m16-dot-pregated"]["mma"].startswith("HMMA") and rows["default"]["mma"] == "-"
+    assert rows["swap-pregated-3stages"]["mma"].startswith("HGMMA")
+    assert int(rows["swap-pregated-3stages"]["in_flight"]) >= 1
 
 
 # --------------------------------------------------------------------------- bench/mlp_limits_study.py

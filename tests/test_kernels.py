@@ -359,6 +359,78 @@ def test_prefetch(gating, M):
         at.set_override(bucket)
 
 
+@pytest.mark.parametrize("M", [1, 3, 16, 20])
+@pytest.mark.parametrize("gating", ["pregate", "compact"])
+def test_swap_ab(gating, M):
+    """`swap_ab` (the W^T tile as the MMA's M side, the tokens padded to 16 as its N side: sm_90 wgmma): one token
+    and several, per-token and shared masks, every dtype, sparsity 0 / 0.5 / 0.9 / 1, NaN in x, a partial last
+    K block and N tile, low-rank rows, a non-contiguous x and a row-major weight, against the reference."""
+    from sparse_infer.kernels import _autotune as at
+    bucket = at.token_bucket(M)
+    cases = [("thresh_vec_scale", 0.5, torch.bfloat16, False), ("topk", 0.9, torch.float16, False),
+             ("thresh", 0.0, torch.float32, True), ("topk_scale", 1.0, torch.bfloat16, True),
+             ("topk", 0.5, torch.float32, False)]
+    try:
+        # 4 warps and 3 stages: the wgmma path on an H100 (the interpreter ignores both)
+        at.set_override(bucket, swap_ab=True, compact=gating == "compact", num_warps=4, num_stages=3)
+        cfg = at.matmul_config(M, 54, 300, torch.float32, torch.device(DEVICE))
+        assert cfg.use_dot and cfg.pregate and cfg.BLOCK_M >= 16  # what swap_ab implies, also for one token
+        for i, ((kind, sp, dtype, shared), (in_f, out_f)) in enumerate(
+                itertools.product(cases, [(300, 54)] + ([(1539, 577)] if CUDA else []))):
+            i //= 2 if CUDA else 1
+            g, x, w, b = make(M, in_f, out_f, dtype, seed=60 + i, layout="row" if i == 2 else "col")
+            if i == 4:
+                x[0, 7] = float("nan")
+            if i == 1:  # every other column of a wider x
+                x = torch.stack([x, -x], dim=-1)[..., 0]
+                assert not x.is_contiguous()
+            gate = make_gate(kind, x, sp, g, shared=shared)
+            y, yr = K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))
+            assert torch.equal(y.isnan(), yr.isnan())
+            assert rel_err(y.nan_to_num(), yr.nan_to_num()) < TOL[dtype]
+            if i in (0, 1, 4):
+                A, B = ref.lowrank_factors(w.float(), 4, dtype)
+                y, yr = K.rsparse_linear(x, w, b, A, B, gate), ref_rsparse(x, w, b, gate.mask(x), A, B)
+                assert torch.equal(y.isnan(), yr.isnan())
+                assert rel_err(y.nan_to_num(), yr.nan_to_num()) < TOL[dtype]
+    finally:
+        at.set_override(bucket)
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA the 16-bit dot is native already (test_swap_ab)")
+@pytest.mark.parametrize("M", [1, 5])
+def test_swap_ab_native_fp16_dot(M, monkeypatch):
+    """The swapped path's native 16-bit dot (the GPU's; the interpreter otherwise takes the fp32 one), where x
+    goes to the MMA without a select (it was loaded zero-filled): fp16 under the interpreter, pregated and
+    compacted loops, low-rank rows.  (The interpreter multiplies bf16's raw bits after a transpose, so bf16 is
+    left to the CUDA run of test_swap_ab.)"""
+    from sparse_infer.kernels import _autotune as at
+    kern = sm._sparse_mm_kernel
+    seen = []
+
+    class Native:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append(kw["SWAP_AB"] and kw["USE_DOT"])
+                return kern[grid](*a, **dict(kw, DOT_NATIVE=kw["USE_DOT"]))
+            return launch
+
+    monkeypatch.setattr(sm, "_sparse_mm_kernel", Native())
+    bucket = at.token_bucket(M)
+    try:
+        for compact in (False, True):
+            at.set_override(bucket, swap_ab=True, compact=compact)
+            g, x, w, b = make(M, 300, 54, torch.float16, seed=80 + M)
+            gate = make_gate("topk", x, 0.5, g)
+            assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[torch.float16]
+            A, B = ref.lowrank_factors(w.float(), 4, torch.float16)
+            y, yr = K.rsparse_linear(x, w, b, A, B, gate), ref_rsparse(x, w, b, gate.mask(x), A, B)
+            assert rel_err(y, yr) < TOL[torch.float16]
+    finally:
+        at.set_override(bucket)
+    assert seen and all(seen)
+
+
 def test_density_picks_the_compacted_loop():
     """A gate expected to keep at most `compact_below` of the channels (k/K for top-k, the module's hint for
     thresholds) takes the compacted-id loop, a denser one the masked loop; M=1, and shared masks of a few

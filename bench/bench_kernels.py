@@ -400,12 +400,16 @@ def sweep(args, copy_gbps, meta):
 
 
 # wgmma with the operands swapped (stop 22, untimed): the W^T tile is the MMA's M side, the tokens padded to 16
-# its N side, the weight stream pipelined through shared memory by cp.async (2 copy groups in flight at 3
-# stages); 128x64 tiles take 55 KB of shared memory (4 programs per SM), 128x128 tiles 110 KB (2 per SM) and
-# issue 78 instead of 113 warp-instructions per 1k weights (bench/sass_count.py).  They come first in each
-# list, so a timeout of the step loses the older variants, not these.
+# its N side, the weight stream pipelined through shared memory by cp.async (2 copy groups in flight); 128x64
+# tiles take 55-66 KB of shared memory (3-4 programs per SM), 128x128 tiles 110 KB (2 per SM) and issue 67
+# instead of 100 warp-instructions per 1k weights (bench/sass_count.py).  One token: gate in-kernel on its
+# row with the next block's gate prefetched (4 stages; masked loop at every density), or a gate pass
+# (compacted ids at <= 35 %).  Several tokens always take the gate pass.  They come first in each list, so
+# a timeout of the step loses the older variants, not these.
 _SWAP = [dict(swap_ab=True, num_warps=4, num_stages=3, programs_per_sm=4),
          dict(swap_ab=True, BLOCK_K=128, num_warps=4, num_stages=3, programs_per_sm=2)]
+_SWAP_ONE = [dict(swap_ab=True, prefetch=True, compact_below=0.0, num_warps=4, num_stages=4, programs_per_sm=3),
+             *(dict(v, pregate=True) for v in _SWAP)]
 FINAL_VARIANTS = {  # per token bucket: config overrides timed next to the table's default by --final
     # default = the table's policy (compacted ids at density <= compact_below); then the swapped wgmma tiles;
     # then each loop forced; then the instruction-count variants (bf16 column pairs widened with bit ops; a
@@ -414,7 +418,7 @@ FINAL_VARIANTS = {  # per token bucket: config overrides timed next to the table
     # cp.async pipelines (more weight bytes in flight per SM; 4 stages of the masked loop take 57 KB of
     # shared memory, so 3 programs per SM), for the compacted loop too since its ids are int16 (stop 17)
     # (run 4's compacted BLOCK_K=32 and M=16 2-stage compacted rows are dropped: measured, a draw or worse)
-    1: [None, *_SWAP, dict(compact_below=0.0), dict(compact=True),
+    1: [None, *_SWAP_ONE, dict(compact_below=0.0), dict(compact=True),
         dict(bf16_pairs=True), dict(bf16_pairs=True, compact=True),
         dict(acc_2d=True, bf16_pairs=True, num_warps=4, programs_per_sm=4),
         dict(prefetch=True), dict(prefetch=True, bf16_pairs=True)],

@@ -168,7 +168,7 @@ def _mm(label, dt, M, N, K, cfg, *, mode, w="col", y_dt=None, bias=False, scale=
                  BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=split, USE_DOT=use_dot, DOT_NATIVE=dot_native,
                  ACC_2D=cfg.acc_2d and cfg.BLOCK_M == 1, EVEN_N=N % cfg.BLOCK_N == 0,
                  BF16_PAIRS=cfg.bf16_pairs and not use_dot and pairs_ok, PREFETCH=cfg.prefetch,
-                 SWAP_AB=cfg.swap_ab and use_dot)
+                 SWAP_AB=cfg.swap_ab and use_dot, ONE_TOKEN=M == 1 and cfg.BLOCK_M > 1 and mode < sm.MODE_DENSE)
     return Launch("_sparse_mm_kernel", label, vals, const,
                   dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, enable_fp_fusion=True))
 

@@ -51,6 +51,10 @@ VARIANTS = {
                                                                           DOT_NATIVE=True, SWAP_AB=True, BLOCK_K=128)),
     "swap-compact-3stages": (dict(num_warps=4, num_stages=3), dict(BLOCK_M=16, MODE=6, USE_DOT=True, DOT_NATIVE=True,
                                                                    SWAP_AB=True)),
+    # one token, threshold gate in-kernel on its row, the next block's gate prefetched (no gate launch)
+    "swap-one-token-prefetch-4stages": (dict(num_warps=4, num_stages=4), dict(BLOCK_M=16, MODE=0, USE_DOT=True,
+                                                                              DOT_NATIVE=True, SWAP_AB=True,
+                                                                              ONE_TOKEN=True, PREFETCH=True)),
 }
 
 
@@ -72,7 +76,7 @@ def compile_variant(options: dict, consts: dict, N: int = 14336, K: int = 4096):
 
     const = dict(MODE=0, INVERT=False, HAS_SCALE=False, HAS_BIAS=False, LOWRANK=False, BLOCK_M=1, BLOCK_N=128,
                  BLOCK_K=64, SPLIT_K=9, USE_DOT=False, DOT_NATIVE=False, ACC_2D=False, EVEN_N=N % 128 == 0,
-                 BF16_PAIRS=False, PREFETCH=False, SWAP_AB=False)
+                 BF16_PAIRS=False, PREFETCH=False, SWAP_AB=False, ONE_TOKEN=False)
     const.update(consts)
     R = 320 if const["LOWRANK"] else 0
     k_blocks = 7  # K blocks per split (ints below): the compaction block is one split's channels

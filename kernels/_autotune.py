@@ -52,8 +52,9 @@ class MatmulConfig:
     prefetch: bool = False
     # tensor-core dot with the operands swapped: the W^T tile (BLOCK_N outputs) is the MMA's M side and the
     # tokens, padded to 16, its N side.  With BLOCK_N >= 64 and 4 warps Triton emits sm_90 wgmma reading W
-    # from shared memory (cp.async, pipelined over num_stages) instead of mma.sync with the tokens as M; also
-    # serves M = 1, always with the gate in a separate pass (an in-kernel gate stops the pipelining)
+    # from shared memory (cp.async, pipelined over num_stages) instead of mma.sync with the tokens as M.  Also
+    # serves M = 1: gate in-kernel on the one row unless `pregate` (with `prefetch` and >= 3 stages the
+    # copies stay pipelined: an in-kernel gate without it leaves none in flight); M > 1 always pregates
     swap_ab: bool = False
 
 
@@ -150,7 +151,8 @@ def _matmul_config(M: int, dtype: torch.dtype, device: torch.device) -> MatmulCo
                                        or cfg.BLOCK_N * cfg.BLOCK_K > 128 * 32 * cfg.num_warps):
             cfg = replace(cfg, BLOCK_N=max(32, cfg.BLOCK_N // 2))
     if cfg.swap_ab:
-        return replace(cfg, BLOCK_M=max(16, min(max(16, cfg.BLOCK_M), _pow2(M))), use_dot=True, pregate=True)
+        return replace(cfg, BLOCK_M=max(16, min(max(16, cfg.BLOCK_M), _pow2(M))), use_dot=True,
+                       pregate=cfg.pregate or M > 1)
     if M == 1:
         return replace(cfg, BLOCK_M=1, use_dot=False, pregate=False)
     if cfg.use_dot:

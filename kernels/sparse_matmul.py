@@ -35,7 +35,8 @@ Design (one launch):
   padded to 16, as its N side; with 4 warps and BLOCK_N >= 64 Triton emits
   sm_90 wgmma that reads W from shared memory, filled by cp.async over
   ``num_stages`` (a masked row is a zero-filled copy: no DRAM traffic).  One
-  token takes this path too, with the gate in a separate pass.
+  token takes this path too: its gate in a separate pass, or in-kernel on the
+  one row (``ONE_TOKEN``), with ``prefetch`` so the copies still pipeline.
 * ``PREFETCH`` (opt-in, untimed): the loads that decide the next block's
   rows (x and its gate, or the next active ids) are issued while this
   block's rows are in flight: one memory round trip per iteration, not two.
@@ -160,6 +161,27 @@ def _x_gate(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm, 
 
 
 @triton.jit
+def _x_gate_tile(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm, stride_xk, stride_t, stride_gm,
+                 stride_gk, MODE: tl.constexpr, HAS_SCALE: tl.constexpr, INVERT: tl.constexpr,
+                 BLOCK_K: tl.constexpr, ONE_TOKEN: tl.constexpr):
+    """``_x_gate`` over the token tile; ``ONE_TOKEN`` (M == 1 in a tile of BLOCK_M > 1 tokens, the swapped
+    tensor-core path): load and gate the one row, then place it as row 0 of a zero tile, so the gate costs
+    one token's work and no reduction over the padded rows."""
+    if ONE_TOKEN:
+        one = tl.arange(0, 1)
+        x1, xf1, keep1, any_k = _x_gate(x_ptr, k0, k_end, one, one < M, M, t_ptr, s_ptr, gm_ptr, stride_xm,
+                                        stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT, BLOCK_K)
+        row0 = (offs_m == 0)[:, None]
+        x = tl.where(row0, x1, tl.zeros_like(x1))
+        keep = row0 & keep1
+        xf = x.to(tl.float32)
+    else:
+        x, xf, keep, any_k = _x_gate(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm,
+                                     stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT, BLOCK_K)
+    return x, xf, keep, any_k
+
+
+@triton.jit
 def _active_ids(ids_ptr, r, n_act):
     """Entries ``r`` of a compacted block's active channel ids, relative to the block (0 from its
     ``n_act``-th on)."""
@@ -252,6 +274,7 @@ def _sparse_mm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_NATIVE: tl.constexpr, ACC_2D: tl.constexpr, EVEN_N: tl.constexpr,
     BF16_PAIRS: tl.constexpr, PREFETCH: tl.constexpr, SWAP_AB: tl.constexpr,
+    ONE_TOKEN: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -297,20 +320,21 @@ def _sparse_mm_kernel(
     else:
         k_end = tl.minimum(K, k_base + K_BLOCKS_PER_SPLIT * BLOCK_K)  # this split's channels
         if PREFETCH:
-            x, xf, keep, any_k = _x_gate(x_ptr, k_base, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm,
-                                         stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT, BLOCK_K)
+            x, xf, keep, any_k = _x_gate_tile(x_ptr, k_base, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm,
+                                              stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT,
+                                              BLOCK_K, ONE_TOKEN)
         for kb in range(0, K_BLOCKS_PER_SPLIT):
             k0 = k_base + kb * BLOCK_K
             if not PREFETCH:
-                x, xf, keep, any_k = _x_gate(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm,
-                                             stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT,
-                                             BLOCK_K)
+                x, xf, keep, any_k = _x_gate_tile(x_ptr, k0, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr, stride_xm,
+                                                  stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE, INVERT,
+                                                  BLOCK_K, ONE_TOKEN)
             w = _load_rows(w_ptr, k0 + tl.arange(0, BLOCK_K), any_k, pid_n * BLOCK_N, offs_n, n_ok, N, stride_wk,
                            stride_wn, BLOCK_K, BLOCK_N, EVEN_N, BF16_PAIRS)
             if PREFETCH:
-                xn, xfn, keepn, anyn = _x_gate(x_ptr, k0 + BLOCK_K, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr,
-                                               stride_xm, stride_xk, stride_t, stride_gm, stride_gk, MODE, HAS_SCALE,
-                                               INVERT, BLOCK_K)
+                xn, xfn, keepn, anyn = _x_gate_tile(x_ptr, k0 + BLOCK_K, k_end, offs_m, m_ok, M, t_ptr, s_ptr, gm_ptr,
+                                                    stride_xm, stride_xk, stride_t, stride_gm, stride_gk, MODE,
+                                                    HAS_SCALE, INVERT, BLOCK_K, ONE_TOKEN)
             acc = _accumulate(acc, x, xf, keep, w, BLOCK_M, USE_DOT, DOT_NATIVE, ACC_2D, SWAP_AB, MODE == 5)
             if PREFETCH:
                 x, xf, keep, any_k = xn, xfn, keepn, anyn
@@ -422,6 +446,8 @@ def _launch(x2, w, bias, y, *, mode, t=None, stride_t=0, scale=None, gm=None, in
         USE_DOT=use_dot, DOT_NATIVE=dot_native, ACC_2D=cfg.acc_2d and block_m == 1,
         EVEN_N=N % cfg.BLOCK_N == 0, BF16_PAIRS=cfg.bf16_pairs and not use_dot and _pairs_ok(w),
         PREFETCH=cfg.prefetch, SWAP_AB=cfg.swap_ab and use_dot,
+        # one token in a tile of 16 (swap_ab) gated in-kernel; a pregated x pipelines better as the whole tile
+        ONE_TOKEN=M == 1 and block_m > 1 and mode < MODE_DENSE,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         enable_fp_fusion=True,  # the GEMV loop is FMAs; Triton 3.10 turns fusion off by default (3.9 warns)
     )

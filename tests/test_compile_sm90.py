@@ -44,7 +44,7 @@ def test_every_launched_kernel_compiles_for_sm90():
     assert all(r[0] in kernels for r in rows)
     # the paths of FINAL_VARIANTS and every dtype are in: a shrinking case list would pass silently otherwise
     combos = [r[1] for r in rows if r[0] == "_sparse_mm_kernel"]
-    for flag in ("BF16_PAIRS", "PREFETCH", "ACC_2D", "LOWRANK", "INVERT", "MODE=6", "MODE=5", "SPLIT_K=1 ", "s4", "SWAP_AB"):
+    for flag in ("BF16_PAIRS", "PREFETCH", "ACC_2D", "LOWRANK", "INVERT", "MODE=6", "MODE=5", "SPLIT_K=1 ", "s4", "SWAP_AB", "ONE_TOKEN"):
         assert any(flag in c for c in combos), flag
     for dt in ("bf16", "fp16", "fp32"):
         assert all(any(r[0] == k and r[1].startswith(dt) for r in rows) for k in kernels), dt

@@ -359,12 +359,15 @@ def test_prefetch(gating, M):
         at.set_override(bucket)
 
 
-@pytest.mark.parametrize("M", [1, 3, 16, 20])
-@pytest.mark.parametrize("gating", ["pregate", "compact"])
+@pytest.mark.parametrize("M, gating", [(1, "fused"), (1, "fused-prefetch"), (1, "pregate"), (1, "compact"),
+                                       (3, "pregate"), (3, "compact"), (16, "pregate"), (16, "compact"),
+                                       (20, "fused")])
 def test_swap_ab(gating, M):
     """`swap_ab` (the W^T tile as the MMA's M side, the tokens padded to 16 as its N side: sm_90 wgmma): one token
-    and several, per-token and shared masks, every dtype, sparsity 0 / 0.5 / 0.9 / 1, NaN in x, a partial last
-    K block and N tile, low-rank rows, a non-contiguous x and a row-major weight, against the reference."""
+    (gate in-kernel on its row, with and without the next block's gate prefetched, or a gate pass) and several
+    (always a gate pass), per-token and shared masks, every dtype, sparsity 0 / 0.5 / 0.9 / 1, NaN in x, a
+    partial last K block and N tile, low-rank rows, a non-contiguous x and a row-major weight, against the
+    reference."""
     from sparse_infer.kernels import _autotune as at
     bucket = at.token_bucket(M)
     cases = [("thresh_vec_scale", 0.5, torch.bfloat16, False), ("topk", 0.9, torch.float16, False),
@@ -372,9 +375,11 @@ def test_swap_ab(gating, M):
              ("topk", 0.5, torch.float32, False)]
     try:
         # 4 warps and 3 stages: the wgmma path on an H100 (the interpreter ignores both)
-        at.set_override(bucket, swap_ab=True, compact=gating == "compact", num_warps=4, num_stages=3)
+        at.set_override(bucket, swap_ab=True, pregate=not gating.startswith("fused"), compact=gating == "compact",
+                        prefetch=gating == "fused-prefetch", num_warps=4, num_stages=4 if "prefetch" in gating else 3)
         cfg = at.matmul_config(M, 54, 300, torch.float32, torch.device(DEVICE))
-        assert cfg.use_dot and cfg.pregate and cfg.BLOCK_M >= 16  # what swap_ab implies, also for one token
+        assert cfg.use_dot and cfg.BLOCK_M >= 16  # what swap_ab implies, also for one token
+        assert cfg.pregate == (M > 1 or not gating.startswith("fused"))
         for i, ((kind, sp, dtype, shared), (in_f, out_f)) in enumerate(
                 itertools.product(cases, [(300, 54)] + ([(1539, 577)] if CUDA else []))):
             i //= 2 if CUDA else 1
@@ -401,8 +406,8 @@ def test_swap_ab(gating, M):
 @pytest.mark.parametrize("M", [1, 5])
 def test_swap_ab_native_fp16_dot(M, monkeypatch):
     """The swapped path's native 16-bit dot (the GPU's; the interpreter otherwise takes the fp32 one), where x
-    goes to the MMA without a select (it was loaded zero-filled): fp16 under the interpreter, pregated and
-    compacted loops, low-rank rows.  (The interpreter multiplies bf16's raw bits after a transpose, so bf16 is
+    goes to the MMA without a select (it was loaded zero-filled): fp16 under the interpreter, in-kernel gate,
+    pregated and compacted loops, low-rank rows.  (The interpreter multiplies bf16's raw bits after a transpose, so bf16 is
     left to the CUDA run of test_swap_ab.)"""
     from sparse_infer.kernels import _autotune as at
     kern = sm._sparse_mm_kernel
@@ -418,8 +423,8 @@ def test_swap_ab_native_fp16_dot(M, monkeypatch):
     monkeypatch.setattr(sm, "_sparse_mm_kernel", Native())
     bucket = at.token_bucket(M)
     try:
-        for compact in (False, True):
-            at.set_override(bucket, swap_ab=True, compact=compact)
+        for pregate, compact in ((False, False), (True, False), (True, True)):  # one token: gate in-kernel too
+            at.set_override(bucket, swap_ab=True, pregate=pregate, compact=compact, prefetch=not pregate)
             g, x, w, b = make(M, 300, 54, torch.float16, seed=80 + M)
             gate = make_gate("topk", x, 0.5, g)
             assert rel_err(K.sparse_linear(x, w, b, gate), ref_sparse(x, w, b, gate.mask(x))) < TOL[torch.float16]

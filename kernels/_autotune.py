@@ -150,10 +150,9 @@ def _matmul_config(M: int, dtype: torch.dtype, device: torch.device) -> MatmulCo
         if dtype == torch.float32 and (cfg.BLOCK_N * cfg.BLOCK_K * max(cfg.BLOCK_M, 1) > 256 * 64
                                        or cfg.BLOCK_N * cfg.BLOCK_K > 128 * 32 * cfg.num_warps):
             cfg = replace(cfg, BLOCK_N=max(32, cfg.BLOCK_N // 2))
-    if cfg.swap_ab:
-        return replace(cfg, BLOCK_M=max(16, min(max(16, cfg.BLOCK_M), _pow2(M))), use_dot=True,
-                       pregate=cfg.pregate or M > 1)
-    if M == 1:
+    if cfg.swap_ab:  # the tensor-core path below, for one token too
+        cfg = replace(cfg, use_dot=True, pregate=cfg.pregate or M > 1)
+    elif M == 1:
         return replace(cfg, BLOCK_M=1, use_dot=False, pregate=False)
     if cfg.use_dot:
         return replace(cfg, BLOCK_M=max(16, min(cfg.BLOCK_M, _pow2(M))))

@@ -531,7 +531,7 @@ def _gate_plan(M: int, N: int, K: int, x2: torch.Tensor, density: Optional[float
     cfg = _autotune.matmul_config(M, N, K, x2.dtype, x2.device)
     if cfg.compact or (density is not None and density <= cfg.compact_below):
         return True, compact_block(M, N, K, x2)
-    return cfg.pregate and (M > 1 or cfg.use_dot), 0  # one token takes the dot only with swap_ab
+    return cfg.pregate, 0  # the config table pregates one token only on the swap_ab path
 
 
 def density_hint(gate, K: int, M: int = 1, steps: int = 1) -> Optional[float]:

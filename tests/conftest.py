@@ -5,6 +5,7 @@ must be set before any module decorated with @triton.jit is imported, so it is
 set here, before the tests import sparse_infer.kernels.
 """
 
+import contextlib
 import importlib.util
 import os
 import random
@@ -44,6 +45,18 @@ def token_ids(seed: int, n: int = 4, length: int = 32, vocab: int = 128) -> list
     """``n`` random 1-D token-id sequences (ids 1..vocab-1) from a seeded generator: calibration data."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, vocab, (length,), generator=g) for _ in range(n)]
+
+
+@contextlib.contextmanager
+def dense_after(model):
+    """The block may patch the (often module-shared) model; it is dense again after the block, whatever
+    happened in it (unsparsify on a dense model changes nothing)."""
+    import sparse_infer as si
+
+    try:
+        yield model
+    finally:
+        si.unsparsify(model)
 
 
 def run_with_stats(model, data) -> dict:

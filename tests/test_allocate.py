@@ -17,7 +17,7 @@ from sparse_infer import SparsityConfig, allocate
 from sparse_infer import reference as ref
 from sparse_infer.calibrate import calibrate, collect_stats
 from sparse_infer.models import tiny_model
-from conftest import nearly_lowrank_model, run_with_stats, token_ids
+from conftest import dense_after, nearly_lowrank_model, run_with_stats, token_ids
 
 FINE = allocate.FINE
 
@@ -151,11 +151,9 @@ def test_activation_factor_is_fitted_on_what_topk_gating_leaves_inactive(lowrank
     model = lowrank_model
     cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="uniform", lowrank="activation")
     cal = calibrate(model, token_ids(0), cfg, progress=False, gating="topk", reservoir=64)
-    si.sparsify(model, cfg, calibration=cal, progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=cal, progress=False)
         ks = {n: m.k for n, m in si.sparse_modules(model).items()}
-    finally:
-        si.unsparsify(model)
     checked = 0
     for name, e in cal.layers.items():
         W = model.get_submodule(name).weight
@@ -330,12 +328,10 @@ def test_gate_thresholds_hit_their_density_before_refinement(model):
     cfg = SparsityConfig(method="gate", sparsity=0.4, targets="mlp", allocation="uniform")
     data = token_ids(0, 16, 32)
     cal = calibrate(model, data, cfg, progress=False, refine_rounds=0)
-    si.sparsify(model, cfg, calibration=cal, progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=cal, progress=False)
         for name, m in run_with_stats(model, data).items():
             assert abs(m.measured_density - (1 - 1.5 * 0.4)) <= 0.02, (name, m.measured_density)
-    finally:
-        si.unsparsify(model)
 
 
 def test_error_curves_build_no_autograd_graph(model):

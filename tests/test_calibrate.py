@@ -13,7 +13,7 @@ from sparse_infer.calibrate import (
     CalibrationStats, chan_quantiles, collect_stats, calibrate, default_calibration_data, hist_quantile, _hist, _log_abs,
 )
 from sparse_infer.models import tiny_model
-from conftest import nearly_lowrank_model, run_with_stats, token_ids
+from conftest import dense_after, nearly_lowrank_model, run_with_stats, token_ids
 from sparse_infer.modules import SparseGatedMLP
 
 
@@ -60,26 +60,22 @@ def test_histogram_quantile_matches_exact():
 def test_thresholds_hit_target_on_held_out_tokens(model, per_channel, target):
     cfg = SparsityConfig(method="threshold", sparsity=target, targets="all", per_channel=per_channel)
     cal = calibrate(model, _data(0, 48, 32), cfg, progress=False)
-    si.sparsify(model, cfg, calibration=cal, progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=cal, progress=False)
         mods = run_with_stats(model, _data(1, 48, 32))  # held out: other tokens than the calibration ones
         for name, m in mods.items():
             assert abs((1 - m.measured_density) - target) <= 0.02, (name, m.measured_density)
         assert abs(si.model_sparsity(model, measured=True) - target) <= 0.02
-    finally:
-        si.unsparsify(model)
 
 
 def test_gate_thresholds_hit_target(model):
     cfg = SparsityConfig(method="gate", sparsity=0.5, targets="mlp")
     cal = calibrate(model, _data(0, 48, 32), cfg, progress=False)
-    si.sparsify(model, cfg, calibration=cal, progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=cal, progress=False)
         mods = run_with_stats(model, _data(1, 48, 32))
         for m in mods.values():
             assert abs(m.measured_density - (1 - 1.5 * 0.5)) <= 0.02
-    finally:
-        si.unsparsify(model)
 
 
 @pytest.mark.parametrize("method", ["topk", "rsparse", "rsparse-topk", "threshold", "gate"])
@@ -91,8 +87,8 @@ def test_allocation_meets_budget_within_one_channel_per_layer(model, method, all
     cal = calibrate(model, _data(0), cfg, progress=False, quick=True, gating=gating or None)
     sparsities = [v["sparsity"] for v in cal.layers.values()]
     assert max(sparsities) - min(sparsities) > 0.01  # not uniform
-    si.sparsify(model, cfg, calibration=cal, progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=cal, progress=False)
         achieved, layers, dense = _achieved(model)
         one_channel_per_layer = sum(o for _, o, _, _ in layers) / dense
         assert target - 1e-9 <= achieved <= target + one_channel_per_layer + 1e-9
@@ -103,8 +99,6 @@ def test_allocation_meets_budget_within_one_channel_per_layer(model, method, all
                 budget = (1 - cal.layers[_name(model, m)]["sparsity"]) * m.in_features * m.out_features
                 active = m.k if m.k is not None else m.nominal_density * m.in_features
                 assert active * m.out_features + m.rank * (m.in_features + m.out_features) <= budget + 1e-6
-    finally:
-        si.unsparsify(model)
 
 
 def _name(model, module):
@@ -201,12 +195,10 @@ def test_bad_data_is_a_clear_error(model):
         calibrate(model, [torch.randn(10)], cfg, progress=False)
     with pytest.raises(ValueError, match=r"must lie in \[0, 128\) \(the model's vocabulary\), got \[1, 128\]"):
         calibrate(model, [torch.tensor([[1, 5, 128]])], cfg, progress=False)
-    si.sparsify(model, SparsityConfig(), progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, SparsityConfig(), progress=False)
         with pytest.raises(ValueError, match="dense model"):
             calibrate(model, _data(0), cfg, progress=False)
-    finally:
-        si.unsparsify(model)
     with pytest.raises(ValueError, match="out of reach"):
         calibrate(model, _data(0), SparsityConfig(method="topk", sparsity=0.995, allocation="greedy"), progress=False)
 
@@ -314,12 +306,10 @@ def test_importance_thresholds_hit_their_density_before_refinement(model):
     cfg = SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp", allocation="uniform")
     data = _data(0, 48, 32)
     cal = calibrate(model, data, cfg, progress=False, refine_rounds=0)
-    si.sparsify(model, cfg, calibration=cal, progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=cal, progress=False)
         for name, m in run_with_stats(model, data).items():
             assert m.target_density is not None and abs(m.measured_density - m.target_density) <= 0.02, name
-    finally:
-        si.unsparsify(model)
 
 
 def test_rank_at_reads_the_grid_point_of_a_sparsity():

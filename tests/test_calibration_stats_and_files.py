@@ -18,7 +18,7 @@ from sparse_infer import SparsityConfig
 from sparse_infer.calibrate import BINS, Calibration, _hist, _log_abs, calibrate, collect_stats, hist_quantile
 from sparse_infer.io import load_calibration
 from sparse_infer.models import tiny_model
-from conftest import token_ids
+from conftest import dense_after, token_ids
 
 
 IDS = torch.randint(1, 128, (2, 16), generator=torch.Generator().manual_seed(9))
@@ -129,11 +129,9 @@ def test_topk_gating_gives_exact_k_per_token(model):
     cal = calibrate(model, token_ids(0, n=2), cfg, progress=False, gating="topk")
     assert cal.meta["gating"] == "topk"
     assert all(e.get("threshold") is None for e in cal.layers.values())
-    si.sparsify(model, cfg, calibration=cal, progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=cal, progress=False)
         assert all(m.k is not None and m.threshold is None for m in si.sparse_modules(model).values())
-    finally:
-        si.unsparsify(model)
 
 
 # --------------------------------------------------------------------------- files
@@ -149,14 +147,12 @@ def files(model, tmp_path_factory):
     }
     out = {}
     for name, (cfg, data) in cases.items():
-        si.sparsify(model, cfg, calibration=data, progress=False)
-        try:
+        with dense_after(model):
+            si.sparsify(model, cfg, calibration=data, progress=False)
             with torch.no_grad():
                 logits = model(IDS).logits
             path = tmp_path_factory.mktemp(name)
             si.save_sparsity(model, path)
-        finally:
-            si.unsparsify(model)
         out[name] = (cfg, path, logits)
     return out
 
@@ -172,43 +168,35 @@ def _copy(path, tmp_path, edit=None):
 
 
 def _refused(model, path, match):
-    try:
+    with dense_after(model):
         with pytest.raises(ValueError, match=match):
             si.load_sparsity(model, path)
         assert not si.sparse_modules(model)  # refused before the model is touched
-    finally:
-        si.unsparsify(model)  # keep the shared model dense whatever happened
 
 
 def test_json_path_names_the_pair(model, files):
     _cfg, path, logits = files["topk-greedy"]
-    si.load_sparsity(model, path / "sparsity.json")
-    try:
+    with dense_after(model):
+        si.load_sparsity(model, path / "sparsity.json")
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, logits)
-    finally:
-        si.unsparsify(model)
 
 
 def test_file_records_the_achieved_sparsity(model, files):
     _cfg, path, _logits = files["topk-uniform"]
     doc = json.loads((path / "sparsity.json").read_text())
-    si.load_sparsity(model, path)
-    try:
+    with dense_after(model):
+        si.load_sparsity(model, path)
         achieved = si.model_sparsity(model)
-    finally:
-        si.unsparsify(model)
     assert doc["achieved_sparsity"] == pytest.approx(achieved, abs=1e-12)
     assert doc["achieved_sparsity"] != doc["budget_sparsity"]  # k is rounded down: 0.55 is not hit exactly
 
 
 def test_explicit_calibration_meta_is_recorded(model, files, tmp_path):
     _cfg, path, _logits = files["threshold-a"]
-    si.load_sparsity(model, path)
-    try:
+    with dense_after(model):
+        si.load_sparsity(model, path)
         si.save_sparsity(model, tmp_path / "out", calibration=Calibration(meta={"note": "mine"}))
-    finally:
-        si.unsparsify(model)
     doc = json.loads((tmp_path / "out" / "sparsity.json").read_text())
     assert doc["calibration"] == {"note": "mine"}
 
@@ -248,40 +236,32 @@ def test_a_file_for_other_targets_is_refused(model, files):
     _cfg, path, _logits = files["threshold-a"]
     with pytest.raises(ValueError, match="targets='mlp'"):
         load_calibration(model, path, THRESHOLD.replace(targets="all"))
-    try:
+    with dense_after(model):
         with pytest.raises(ValueError, match="targets"):
             si.sparsify(model, THRESHOLD.replace(targets="all"), calibration=path, progress=False)
         assert not si.sparse_modules(model)
-    finally:
-        si.unsparsify(model)
 
 
 def test_patched_model_is_compared_with_the_file_value_by_value(model, files):
     """load_sparsity on an already patched model accepts it only when it is patched as the file says."""
     cfg, a, _ = files["threshold-a"]
     _cfg, b, _ = files["threshold-b"]
-    si.sparsify(model, cfg, calibration=b, progress=False)  # same layers and method, other thresholds
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=b, progress=False)  # same layers and method, other thresholds
         with pytest.raises(ValueError, match="other thresholds"):
             si.load_sparsity(model, a)
-    finally:
-        si.unsparsify(model)
 
     cfg, greedy, _ = files["topk-greedy"]
-    si.sparsify(model, cfg.replace(allocation="uniform"), progress=False)  # same modules, other k
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg.replace(allocation="uniform"), progress=False)  # same modules, other k
         with pytest.raises(ValueError, match="patched differently"):
             si.load_sparsity(model, greedy)
-    finally:
-        si.unsparsify(model)
 
     _cfg, rs, _ = files["rsparse"]
-    si.load_sparsity(model, rs)
-    try:
+    with dense_after(model):
+        si.load_sparsity(model, rs)
         m = si.sparse_modules(model)["model.layers.1.mlp.down_proj"]
         with torch.no_grad():
             m.A.mul_(1.01)  # the factors changed after loading
         with pytest.raises(ValueError, match="other low-rank factors"):
             si.load_sparsity(model, rs)
-    finally:
-        si.unsparsify(model)

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import dense_after
 
 import sparse_infer as si
 from sparse_infer import SparsityConfig
@@ -55,8 +56,8 @@ def saved(model, tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 def test_save_load_identical_logits(model, saved, case):
     cfg, logits, path, hints = saved[case]
-    si.load_sparsity(model, path)
-    try:
+    with dense_after(model):
+        si.load_sparsity(model, path)
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, logits)
         # the density each module tells the kernels (it picks the kernel's loop) survives the round trip
@@ -65,14 +66,10 @@ def test_save_load_identical_logits(model, saved, case):
         for n, d in hints.items():
             assert (d is None and loaded[n] is None) or loaded[n] == pytest.approx(d, abs=1e-9), n
         si.load_sparsity(model, path)  # an already patched model that matches: checked, kept
-    finally:
-        si.unsparsify(model)
-    si.sparsify(model, cfg, calibration=str(path), progress=False)  # the path form of sparsify
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg, calibration=str(path), progress=False)  # the path form of sparsify
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, logits)
-    finally:
-        si.unsparsify(model)
 
 
 def test_file_contents(saved):
@@ -115,20 +112,16 @@ def test_config_mismatch_and_patched_mismatch(model, saved):
     _cfg, _logits, path, _hints = saved["rsparse-search"]
     with pytest.raises(ValueError, match="method='rsparse'"):
         load_calibration(model, path, SparsityConfig(method="topk", targets="all"))
-    si.sparsify(model, SparsityConfig(method="rsparse", sparsity=0.5, targets="all"), progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, SparsityConfig(method="rsparse", sparsity=0.5, targets="all"), progress=False)
         with pytest.raises(ValueError, match="patched differently|other"):
             si.load_sparsity(model, path)
-    finally:
-        si.unsparsify(model)
     # the same layers, k, rank and factors, but per-token masks where the file says shared
     cfg, _logits, path, _hints = saved["rsparse-uniform-shared"]
-    si.sparsify(model, cfg.replace(mode="per_token"), calibration=path, progress=False)
-    try:
+    with dense_after(model):
+        si.sparsify(model, cfg.replace(mode="per_token"), calibration=path, progress=False)
         with pytest.raises(ValueError, match="patched differently .*mode"):
             si.load_sparsity(model, path)
-    finally:
-        si.unsparsify(model)
 
 
 def test_corrupted_and_unknown_version(model, saved, tmp_path):
@@ -174,9 +167,7 @@ def test_single_file_form(model, tmp_path):
     si.save_sparsity(model, tmp_path / "s.safetensors")
     si.unsparsify(model)
     assert (tmp_path / "s.json").is_file()
-    si.load_sparsity(model, tmp_path / "s.safetensors")
-    try:
+    with dense_after(model):
+        si.load_sparsity(model, tmp_path / "s.safetensors")
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref)
-    finally:
-        si.unsparsify(model)

@@ -30,7 +30,7 @@ __all__ = ["SparseLinear", "RSparseLinear", "SparseGatedMLP", "activation_name"]
 
 
 def _num_tokens(x: torch.Tensor) -> int:
-    return x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return math.prod(x.shape[:-1])  # not numel // features: that is 0 / 0 for zero input features
 
 
 def _positions(x: torch.Tensor) -> int:
@@ -103,13 +103,13 @@ class _GatedBase(nn.Module):
     @property
     def measured_density(self) -> Optional[float]:
         """Mean fraction of active channels per token since the last `reset_stats`."""
-        return self.stats_active / (self.stats_tokens * self.width) if self.stats_tokens else None
+        return self.stats_active / (self.stats_tokens * self.width) if self.stats_tokens and self.width else None
 
     @property
     def nominal_density(self) -> float:
         """Active-channel density by design: k/width for top-k, the calibrated target for thresholds."""
         if self.k is not None:
-            return self.k / self.width
+            return self.k / self.width if self.width else 1.0  # no channels: "all" of nothing is read
         if self.target_density is not None:
             return self.target_density
         d = self.measured_density
@@ -122,6 +122,8 @@ class _GatedBase(nn.Module):
         if not self.record_stats:
             return
         self.stats_tokens += tokens
+        if self.width == 0:  # no channels: nothing active, and a density is undefined (None)
+            return
         if dense:
             self.stats_active += tokens * self.width
         elif self.shared:  # one mask row per decode step, shared by its tokens

@@ -82,6 +82,14 @@ def test_measured_density(linear):
     assert m.measured_density == pytest.approx(10 / 37)
 
 
+def test_zero_input_features_count_tokens_and_give_no_density():
+    m = SparseLinear.from_linear(nn.Linear(0, 5), k=0)
+    m.record_stats = True
+    x = torch.randn(3, 4, 0)
+    assert torch.equal(m(x), m.bias.detach().expand(3, 4, 5))
+    assert m.stats_tokens == 12 and m.measured_density is None and m.nominal_density == 1.0
+
+
 def test_triton_backend_without_gpu_is_a_clear_error(linear, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     m = SparseLinear.from_linear(linear, k=10, backend="triton")

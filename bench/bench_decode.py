@@ -1002,7 +1002,9 @@ def _run(args, model=None) -> List[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
     meta = environment(device)
-    meta["command"] = "python bench/bench_decode.py " + " ".join(shlex.quote(a) for a in args.argv)
+    tuning = os.environ.get("SPARSE_INFER_TUNING")  # launch configs from a tuning file: part of what reruns it
+    meta["command"] = ((f"SPARSE_INFER_TUNING={shlex.quote(tuning)} " if tuning else "")
+                       + "python bench/bench_decode.py " + " ".join(shlex.quote(a) for a in args.argv))
     t0 = time.perf_counter()
     if model is None:
         model = build_model(args.config, dtype, device, args.seed)

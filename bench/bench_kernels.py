@@ -19,6 +19,7 @@ import argparse
 import csv
 import datetime as _dt
 import itertools
+import json
 import math
 import os
 import shlex
@@ -472,7 +473,8 @@ def final(args, copy_gbps, meta):
                     continue
                 tag = ("default" if v is None else ",".join(f"{k}={val}" for k, val in v.items()))
                 tag = (tag + " (no fallback: the kernel)") if forced else tag
-                row = dict(case, variant=tag, bytes=nbytes, graph_dense_us=d_graph, **meta)
+                row = dict(case, variant=tag, bytes=nbytes, graph_dense_us=d_graph, **meta,
+                           overrides=dict(v or {}), forced=forced, fallback=sm._fallback(M, gate))
                 try:
                     if v:
                         at.set_override(bucket, **v)
@@ -498,9 +500,81 @@ def final(args, copy_gbps, meta):
             del ws, ws_dense, As, Bs
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            if getattr(args, "out", None):
+            if getattr(args, "out", None):  # after every case: a timeout keeps what was measured
                 write_results(rows, args.out)
+                write_tuning(pick_tuning(rows), meta, args.out, quiet=True)
+    if getattr(args, "out", None):
+        write_tuning(pick_tuning(rows), meta, args.out)
     return rows
+
+
+TUNING_MIN_GAIN = 0.02  # a variant replaces the table's config only if it is this much faster (timing noise)
+
+
+def pick_tuning(rows: list[dict]) -> dict:
+    """Per token bucket, the config with the lowest geometric-mean CUDA-graph time over the bucket's cases.
+
+    Counted: rows of ``final`` whose kernel runs with the bucket's config (not the rows where the ops fall back
+    to gate + cuBLAS, not the "no fallback" rows that time the kernel past that cutoff, not top-k or 100 %
+    rows, which time the default only); a variant competes only if it ran correctly ("ok") on every case the
+    default did.  The default stays unless a variant is ``TUNING_MIN_GAIN`` faster.  Returns {bucket:
+    dict(config=MatmulConfig, variant=tag, geomean_us, default_geomean_us, cases, candidates)}."""
+    from dataclasses import replace
+    from sparse_infer.kernels import _autotune as at
+    times: dict = {}  # bucket -> variant tag -> {case: graph us}
+    overrides: dict = {}
+    for r in rows:
+        if r.get("forced") or r.get("fallback") or r.get("status") != "ok" or not r.get("graph_kernel_us"):
+            continue
+        if r["kernel"] == "input-sparse-topk" or r["sparsity"] >= 1.0:
+            continue
+        b = at.token_bucket(int(r["M"]))
+        case = (r["in_features"], r["out_features"], r["M"], r["kernel"], r["sparsity"], r.get("rank", 0))
+        times.setdefault(b, {}).setdefault(r["variant"], {})[case] = float(r["graph_kernel_us"])
+        overrides[(b, r["variant"])] = r.get("overrides") or {}
+    picked = {}
+    for b, by_variant in sorted(times.items()):
+        cases = sorted(by_variant.get("default", {}))
+        if not cases:
+            continue
+
+        def geomean(t):
+            return math.exp(sum(math.log(t[c]) for c in cases) / len(cases))
+
+        scored = {tag: geomean(t) for tag, t in by_variant.items() if all(c in t for c in cases)}
+        best = min(scored, key=scored.get)
+        if best != "default" and scored[best] > scored["default"] * (1 - TUNING_MIN_GAIN):
+            best = "default"
+        picked[b] = dict(config=replace(at._table(b), **overrides[(b, best)]), variant=best,
+                         geomean_us=round(scored[best], 2), default_geomean_us=round(scored["default"], 2),
+                         cases=len(cases), candidates=len(scored))
+    return picked
+
+
+def write_tuning(picked: dict, meta: dict, out_dir: str, quiet: bool = False) -> str:
+    """Write ``tuning.json`` (what ``sparse_infer.kernels._autotune.load_tuning`` and ``$SPARSE_INFER_TUNING``
+    read) under ``out_dir`` and, unless ``quiet``, print one line per bucket; returns the path."""
+    from sparse_infer.kernels import _autotune as at
+    measured = {b: {k: v for k, v in p.items() if k != "config"} for b, p in picked.items()}
+    data = at.tuning_dict({b: p["config"] for b, p in picked.items()}, measured,
+                          device=meta.get("gpu"), torch=meta.get("torch"), triton=meta.get("triton"),
+                          timestamp=meta.get("timestamp"), command=meta.get("command"),
+                          rule=f"per token bucket: lowest geometric-mean CUDA-graph time over the bucket's --final "
+                               f"cases among variants correct on all of them; the default unless "
+                               f"{TUNING_MIN_GAIN:.0%} faster")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "tuning.json")
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+    if quiet:
+        return path
+    for b, p in picked.items():
+        print(f"TUNING bucket {b}: {p['variant']} {p['geomean_us']:.1f} us geomean over {p['cases']} cases "
+              f"(default {p['default_geomean_us']:.1f} us, x{p['default_geomean_us'] / p['geomean_us']:.2f}; "
+              f"{p['candidates']} candidates)", flush=True)
+    print(f"wrote {path} (use it: SPARSE_INFER_TUNING={path})", flush=True)
+    return path
 
 
 def launch_overhead():
@@ -569,7 +643,9 @@ def main(argv=None):
         print("bench_kernels.py needs a CUDA GPU (build_cases/write_results work without one)", file=sys.stderr)
         return 2
     meta = _meta()
-    meta["command"] = shlex.join(["python", "bench/bench_kernels.py", *(sys.argv[1:] if argv is None else argv)])
+    tuning = os.environ.get("SPARSE_INFER_TUNING")  # launch configs from a tuning file: part of what reruns it
+    meta["command"] = ((f"SPARSE_INFER_TUNING={shlex.quote(tuning)} " if tuning else "")
+                       + shlex.join(["python", "bench/bench_kernels.py", *(sys.argv[1:] if argv is None else argv)]))
     copy_gbps = copy_bandwidth_gbps()
     meta["copy_gbps"] = copy_gbps
     print(f"{meta['gpu']} torch {meta['torch']} triton {meta['triton']}: copy bandwidth {copy_gbps:.0f} GB/s",

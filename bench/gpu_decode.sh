@@ -7,6 +7,9 @@
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 ln -sfn ../kernels sparse_infer/kernels
 mkdir -p $OUT/decode_graph $OUT/decode_compiled
+# launch configs: the built-in table, or gpu_check.sh's tuning.json committed to the tree and named by the caller
+# (SPARSE_INFER_TUNING=bench/h100/tuning.json bash bench/gpu_decode.sh); the result tables' command says which
+echo "launch configs: ${SPARSE_INFER_TUNING:-built-in table (kernels/_autotune.py)}"
 # tiny config first: graph capture of the eager and the compiled step, replay against eager
 timeout -s INT 90 python -m pytest tests/test_bench.py -rA -p no:cacheprovider -k cuda > $OUT/decode_tests.log 2>&1
 echo "test_bench -k cuda exit $?"

@@ -11,6 +11,8 @@ name in ``sparse_infer.reference``):
 * ``DENSE_FALLBACK_TOKENS`` - above this many tokens per call the ops run gate + dense matmul
   (``PER_TOKEN_FALLBACK_TOKENS``: the lower cutoff for per-token masks, whose union grows with M);
   to change them at run time set ``sparse_infer.kernels.sparse_matmul.<NAME>``
+* ``load_tuning(path)`` - launch configs measured on another GPU (``bench/bench_kernels.py --final`` writes
+  ``tuning.json``; the environment variable ``SPARSE_INFER_TUNING=path`` does the same); ``None``: built-in table
 * ``gated_mlp`` - fused CATS gated MLP (kernels/gated_mlp.py); ``GATED_MLP_FALLBACK_TOKENS``: above
   this many tokens the dispatch layer runs the dense path instead (measured slower at M >= 4)
 
@@ -29,12 +31,13 @@ if __name__ == "sparse_infer.kernels":
     from .rsparse_matmul import rsparse_linear
     from .sparse_matmul import DENSE_FALLBACK_TOKENS, PER_TOKEN_FALLBACK_TOKENS, sparse_linear, to_kernel_layout
     from .gated_mlp import GATED_MLP_FALLBACK_TOKENS, gated_mlp
+    from ._autotune import load_tuning
     from . import _ops  # noqa: F401  registers torch.ops.sparse_infer.sparse_linear / rsparse_linear / gated_mlp
 
     __all__ = [
         "sparse_linear", "rsparse_linear", "topk_gate", "threshold_gate", "topk_mask", "threshold_mask",
         "to_kernel_layout", "DENSE_FALLBACK_TOKENS", "PER_TOKEN_FALLBACK_TOKENS", "gated_mlp",
-        "GATED_MLP_FALLBACK_TOKENS",
+        "GATED_MLP_FALLBACK_TOKENS", "load_tuning",
     ]
 else:
     __all__ = []

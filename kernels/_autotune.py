@@ -12,16 +12,29 @@ output size), so at most a handful of kernel variants get compiled per dtype.
 Under ``TRITON_INTERPRET=1`` a single tiny configuration is used (the
 interpreter ignores warps/stages, and small tiles keep the CPU tests fast while
 still exercising the split-K reduction and the masked edges).
+
+Another GPU can be tuned without editing this file: ``python bench/bench_kernels.py
+--final --out DIR`` times the table's config and its alternatives per token bucket and
+writes the fastest correct one of each to ``DIR/tuning.json``; ``load_tuning(path)`` (or
+the environment variable ``SPARSE_INFER_TUNING=path``) makes CUDA launches use those
+configs for the buckets the file names.  The interpreter always keeps its own table.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, replace
+import warnings
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Optional, Union
 
 import torch
 
-__all__ = ["MatmulConfig", "interpreting", "matmul_config", "num_sms", "set_override"]
+__all__ = ["MatmulConfig", "TUNING_ENV", "interpreting", "load_tuning", "matmul_config", "num_sms", "set_override",
+           "tuning_dict"]
+
+TUNING_ENV = "SPARSE_INFER_TUNING"  # path of a tuning file (bench/bench_kernels.py --final writes one)
+TUNING_FORMAT = "sparse-infer tuning 1"
 
 
 def interpreting() -> bool:
@@ -57,6 +70,26 @@ class MatmulConfig:
     # copies stay pipelined: an in-kernel gate without it leaves none in flight); M > 1 always pregates
     swap_ab: bool = False
 
+    def __post_init__(self):
+        # a config also arrives from a tuning file or a benchmark override: a bad value must fail here, with
+        # its name, not as a Triton compile error on the GPU
+        for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K"):
+            v = getattr(self, name)
+            if type(v) is not int or v < 1 or v & (v - 1):
+                raise ValueError(f"MatmulConfig.{name}={v!r}: tile sizes must be powers of two (tl.arange needs them)")
+        if type(self.num_warps) is not int or self.num_warps not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"MatmulConfig.num_warps={self.num_warps!r}: use 1, 2, 4, 8, 16 or 32")
+        for name in ("programs_per_sm", "num_stages"):
+            v = getattr(self, name)
+            if type(v) is not int or v < (1 if name == "num_stages" else 0):
+                raise ValueError(f"MatmulConfig.{name}={v!r}: must be an int >= {1 if name == 'num_stages' else 0}")
+        if isinstance(self.compact_below, bool) or not isinstance(self.compact_below, (int, float)) \
+                or not 0.0 <= self.compact_below <= 1.0:
+            raise ValueError(f"MatmulConfig.compact_below={self.compact_below!r}: a density in [0, 1]")
+        for f in fields(self):
+            if f.default is False and type(getattr(self, f.name)) is not bool:
+                raise ValueError(f"MatmulConfig.{f.name}={getattr(self, f.name)!r}: must be True or False")
+
 
 # token buckets: 1 | 2..8 | 9..16 | 17..32 | 33..64
 _INTERP = {
@@ -90,6 +123,18 @@ _GPU = {
 }
 
 _OVERRIDE: dict = {}
+_TUNED: dict = {}  # bucket -> MatmulConfig from a tuning file; CUDA only, in place of _GPU
+# what is loaded: its path, the GPU it was measured on, whether it came from $SPARSE_INFER_TUNING; the
+# variable's value at the last look (loaded again when it changes); whether the device warning was given
+_TUNING = {"path": None, "device": None, "from_env": False, "env": None, "warned": False}
+
+
+def _table(bucket: int) -> MatmulConfig:
+    """The bucket's config before overrides: the interpreter's, a tuning file's, or the built-in GPU one."""
+    if interpreting():
+        return _INTERP[bucket]
+    _tuning_from_env()
+    return _TUNED.get(bucket, _GPU[bucket])
 
 
 def set_override(bucket: int, **fields) -> None:
@@ -98,8 +143,92 @@ def set_override(bucket: int, **fields) -> None:
     if not fields:
         _OVERRIDE.pop(bucket, None)
         return
-    base = _INTERP[bucket] if interpreting() else _GPU[bucket]
-    _OVERRIDE[bucket] = replace(base, **fields)
+    _OVERRIDE[bucket] = replace(_table(bucket), **fields)
+
+
+def tuning_dict(configs: dict, measured: Optional[dict] = None, **info) -> dict:
+    """A tuning file's contents, as `load_tuning` reads them: ``configs`` {token bucket: MatmulConfig},
+    ``measured`` {bucket: what was timed for it}, ``info`` what they were measured on (device, triton, ...)."""
+    measured = measured or {}
+    return dict(format=TUNING_FORMAT, **info,
+                buckets={str(b): dict(config=asdict(c), **measured.get(b, {})) for b, c in sorted(configs.items())})
+
+
+def load_tuning(tuning: Union[str, os.PathLike, dict, None]) -> dict:
+    """Use a tuning file's launch configs on CUDA for the token buckets it names; ``None``: the built-in table.
+
+    ``tuning`` is the path of a file written by ``python bench/bench_kernels.py --final --out DIR``
+    (``DIR/tuning.json``) or its contents as a dict.  Returns {bucket: MatmulConfig}.  A file that does not
+    parse as one raises ValueError and leaves the current configs as they were."""
+    if tuning is None:
+        _TUNED.clear()
+        _TUNING.update(path=None, device=None, from_env=False, warned=False)
+        _CFG_CACHE.clear()
+        return {}
+    where = "tuning dict" if isinstance(tuning, dict) else f"tuning file {os.fspath(tuning)!r}"
+    if isinstance(tuning, dict):
+        data = tuning
+    else:
+        try:
+            with open(tuning) as f:
+                data = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"cannot read {where}: {e}; write one with `python bench/bench_kernels.py --final "
+                             f"--out DIR` (DIR/tuning.json)") from None
+    if not isinstance(data, dict) or data.get("format") != TUNING_FORMAT or not isinstance(data.get("buckets"), dict):
+        raise ValueError(f"{where} is not a sparse-infer tuning file (expected format {TUNING_FORMAT!r} and a "
+                         f"'buckets' table); write one with `python bench/bench_kernels.py --final --out DIR`")
+    names = {f.name for f in fields(MatmulConfig)}
+    configs = {}
+    for key, entry in data["buckets"].items():
+        if key not in {str(b) for b in _GPU}:
+            raise ValueError(f"{where}: token bucket {key!r} is not one of {sorted(_GPU)}")
+        cfg = entry.get("config") if isinstance(entry, dict) else None
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{where}: bucket {key} has no 'config' table")
+        unknown = sorted(set(cfg) - names)
+        if unknown:
+            raise ValueError(f"{where}: bucket {key} names unknown MatmulConfig fields {unknown} (known: {sorted(names)})")
+        try:
+            configs[int(key)] = MatmulConfig(**cfg)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: bucket {key}: {e}") from None
+    _TUNED.clear()
+    _TUNED.update(configs)
+    _TUNING.update(path=None if isinstance(tuning, dict) else os.fspath(tuning), device=data.get("device"),
+                   from_env=False, warned=False)
+    _CFG_CACHE.clear()
+    return dict(configs)
+
+
+def _tuning_from_env() -> None:
+    """Follow ``$SPARSE_INFER_TUNING``: load it when it is set or changed since the last look; when it is
+    unset, drop what it had loaded (a `load_tuning` call's configs stay)."""
+    path = os.environ.get(TUNING_ENV) or None
+    if path == _TUNING["env"]:
+        return
+    _TUNING["env"] = path
+    if path is None:
+        if _TUNING["from_env"]:
+            load_tuning(None)
+        return
+    try:
+        load_tuning(path)
+    except ValueError as e:
+        _TUNING["env"] = None  # the next call raises again instead of silently running the table
+        raise ValueError(f"${TUNING_ENV}: {e}") from None
+    _TUNING["from_env"] = True
+
+
+def _check_tuned_device(device: torch.device) -> None:
+    if _TUNING["warned"] or not _TUNING["device"] or not torch.cuda.is_available():
+        return
+    _TUNING["warned"] = True
+    name = torch.cuda.get_device_name(device)
+    if name != _TUNING["device"]:
+        warnings.warn(f"sparse-infer: the loaded tuning was measured on {_TUNING['device']!r}, this GPU is {name!r}; "
+                      f"its configs run but may be slower than on that GPU (retune with bench/bench_kernels.py --final)",
+                      stacklevel=3)
 
 
 _SM_CACHE: dict = {}
@@ -128,6 +257,9 @@ def _pow2(n: int) -> int:
 def matmul_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> MatmulConfig:
     """The launch configuration for an (M tokens) x (K -> N) sparse matmul (cached: launch overhead)."""
     key = (M if M <= 64 else 65, dtype, device.type, interpreting())
+    if device.type == "cuda" and not key[3] and (os.environ.get(TUNING_ENV) or None) != _TUNING["env"]:
+        _tuning_from_env()  # set or changed since the last call: the cached configs are stale
+        _CFG_CACHE.clear()
     cfg = _CFG_CACHE.get(key)
     if cfg is None:
         cfg = _CFG_CACHE[key] = _matmul_config(M if M <= 64 else 65, dtype, device)
@@ -144,7 +276,9 @@ def _matmul_config(M: int, dtype: torch.dtype, device: torch.device) -> MatmulCo
     elif interpreting() or device.type != "cuda":
         cfg = _INTERP[b]
     else:
-        cfg = _GPU[b]
+        cfg = _table(b)
+        if b in _TUNED:
+            _check_tuned_device(device)
         # fp32 weight tiles take twice the registers: above 128 values of W per thread the one-warp GEMV
         # spills (sm_90 SASS, 128x64 tile: 256 B of stack; 64x64: 202 registers, none)
         if dtype == torch.float32 and (cfg.BLOCK_N * cfg.BLOCK_K * max(cfg.BLOCK_M, 1) > 256 * 64

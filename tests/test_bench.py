@@ -6,8 +6,8 @@ The scripts live in bench/ (not a package): they are loaded by path.
 from __future__ import annotations
 
 import csv
-import math
 import json
+import math
 import os
 import re
 import subprocess
@@ -338,6 +338,49 @@ def test_final_keeps_going_past_a_failing_variant_and_times_the_kernel_above_the
         csv_rows = list(csv.DictReader(f))
     assert len(csv_rows) == len(rows) and {"variant", "rel_err", "status", "copy_gbps"} <= set(csv_rows[0])
     assert bk._status(0.5).startswith("WRONG") and bk._status(1e-3) == "ok"
+    # the timers are stubbed to one value: every variant ties, so the tuning file keeps the table's defaults
+    from sparse_infer.kernels import _autotune as at
+    tuning = json.loads((tmp_path / "tuning.json").read_text())
+    assert {b: e["variant"] for b, e in tuning["buckets"].items()} == {"1": "default"}  # M=16: fallback rows only
+    assert tuning["command"] == meta["command"] and tuning["device"] == "cpu"
+    assert at.MatmulConfig(**tuning["buckets"]["1"]["config"]) == at._table(1)
+
+
+def test_pick_tuning_takes_the_fastest_correct_variant_per_bucket(tmp_path):
+    """Geometric mean over the bucket's cases; WRONG / FAILED variants, variants missing a case, the rows where
+    the ops fall back to cuBLAS and the forced-kernel rows do not compete; a gain under 2 % keeps the default."""
+    from dataclasses import replace
+    from sparse_infer.kernels import _autotune as at
+    bk = _load("bench_kernels")
+
+    def row(M, sp, variant, us, status="ok", overrides=None, kernel="input-sparse", **kw):
+        return dict(in_features=4096, out_features=14336, M=M, kernel=kernel, sparsity=sp, rank=0, variant=variant,
+                    graph_kernel_us=us, status=status, overrides=overrides or {}, **kw)
+
+    swap, pairs, deep = dict(swap_ab=True, num_warps=4, num_stages=3), dict(bf16_pairs=True), dict(num_stages=3)
+    rows = [
+        row(1, 0.5, "default", 30.0), row(1, 0.9, "default", 12.0), row(1, 1.0, "default", 16.0),
+        row(1, 0.5, "swap", 20.0, overrides=swap), row(1, 0.9, "swap", 10.0, overrides=swap),
+        row(1, 0.5, "pairs", 10.0, overrides=pairs),  # faster, but missing the 90 % case
+        row(1, 0.5, "bad", 5.0, "WRONG: rel err 0.5", dict(compact=True)), row(1, 0.9, "bad", 5.0, "ok", dict(compact=True)),
+        row(1, 0.5, "default", 9.0, kernel="input-sparse-topk"),  # the default only: not a case
+        row(4, 0.5, "default", 40.0, kernel="shared"), row(4, 0.5, "deep", 39.5, overrides=deep, kernel="shared"),
+        row(16, 0.5, "default", 45.0, fallback=True),  # gate + cuBLAS: the config is not what ran
+        row(16, 0.5, "default (no fallback: the kernel)", 60.0, fallback=True, forced=True),
+        row(16, 0.5, "deep (no fallback: the kernel)", 30.0, overrides=deep, fallback=True, forced=True),
+    ]
+    picked = bk.pick_tuning(rows)
+    assert set(picked) == {1, 8}
+    assert picked[1]["variant"] == "swap" and picked[1]["config"] == replace(at._table(1), **swap)
+    assert picked[1]["geomean_us"] == pytest.approx((20.0 * 10.0) ** 0.5, abs=0.01)
+    assert picked[1]["default_geomean_us"] == pytest.approx((30.0 * 12.0) ** 0.5, abs=0.01)
+    assert picked[1]["cases"] == 2 and picked[1]["candidates"] == 2  # default and swap
+    assert picked[8]["variant"] == "default" and picked[8]["config"] == at._table(8)  # 1.25 % faster: noise
+    path = bk.write_tuning(picked, dict(gpu="GPU X", command="cmd"), str(tmp_path))
+    try:
+        assert at.load_tuning(path) == {1: replace(at._table(1), **swap), 8: at._table(8)}
+    finally:
+        at.load_tuning(None)
 
 
 def test_weight_copies_defeat_the_l2_at_any_sparsity():

@@ -10,6 +10,8 @@ most 16 run the kernels.
 
 import dataclasses
 import importlib
+import json
+import re
 import warnings
 
 import pytest
@@ -186,6 +188,93 @@ def test_token_buckets_and_overrides():
     finally:
         at.set_override(8)
     assert {M: at.matmul_config(M, 64, 64, dt, dev) for M in table} == table
+
+
+@pytest.fixture
+def gpu_tables(monkeypatch):
+    """Launch configs as a CUDA device gets them (no kernel runs: only the config lookup), restored after."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(at.TUNING_ENV, raising=False)
+    at.load_tuning(None)
+    yield torch.device("cuda")
+    for b in at._GPU:
+        at.set_override(b)
+    at.load_tuning(None)
+    monkeypatch.delenv(at.TUNING_ENV, raising=False)
+    at._TUNING["env"] = None
+    at._CFG_CACHE.clear()
+
+
+def test_tuning_file_replaces_the_gpu_table_for_its_buckets(gpu_tables, tmp_path, monkeypatch):
+    """A tuning file (bench_kernels.py --final writes one) replaces the built-in GPU config of the buckets it
+    names, through load_tuning or $SPARSE_INFER_TUNING; overrides apply on top of it; the interpreter keeps
+    its table; unsetting the variable, or load_tuning(None), brings the built-in table back."""
+    cuda, dt = gpu_tables, torch.bfloat16
+    builtin = {M: at.matmul_config(M, 4096, 4096, dt, cuda) for M in (1, 9)}
+    assert builtin[1] == dataclasses.replace(at._GPU[1], BLOCK_M=1)
+    swapped = at.MatmulConfig(1, 128, 64, 4, 4, 3, swap_ab=True, pregate=True)
+    path = tmp_path / "tuning.json"
+    path.write_text(json.dumps(at.tuning_dict({1: swapped}, {1: dict(variant="swap_ab=True")}, device="GPU X")))
+    monkeypatch.setenv(at.TUNING_ENV, str(path))
+    got = at.matmul_config(1, 4096, 4096, dt, cuda)  # cached before the variable was set: looked up again
+    assert got.swap_ab and got.use_dot and got.BLOCK_M == 16 and got.num_stages == 3
+    assert at.matmul_config(9, 4096, 4096, dt, cuda) == builtin[9]  # a bucket the file does not name
+    at.set_override(1, num_stages=4)  # a benchmark variant starts from the tuned config
+    assert at.matmul_config(1, 4096, 4096, dt, cuda) == dataclasses.replace(got, num_stages=4)
+    at.set_override(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert at.matmul_config(1, 4096, 4096, dt, torch.device("cpu")) == dataclasses.replace(at._INTERP[1], BLOCK_M=1)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(at.TUNING_ENV)
+    assert at.matmul_config(1, 4096, 4096, dt, cuda) == builtin[1]
+    assert at.load_tuning(str(path)) == {1: swapped}  # the same file, by call
+    assert at.matmul_config(1, 4096, 4096, dt, cuda) == got
+    at.load_tuning(None)
+    assert at.matmul_config(1, 4096, 4096, dt, cuda) == builtin[1]
+
+
+@pytest.mark.parametrize("content, names", [
+    (None, "cannot read"),
+    ("{not json", "cannot read"),
+    ({"format": "something else", "buckets": {}}, "not a sparse-infer tuning file"),
+    ({"buckets": {"3": {"config": {}}}}, "token bucket '3'"),
+    ({"buckets": {"1": {}}}, "no 'config'"),
+    ({"buckets": {"1": {"config": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, programs_per_sm=4, num_warps=4,
+                                       num_stages=2, swap=True)}}}, "unknown MatmulConfig fields ['swap']"),
+    ({"buckets": {"1": {"config": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=48, programs_per_sm=4, num_warps=4,
+                                       num_stages=2)}}}, "BLOCK_K=48"),
+    ({"buckets": {"1": {"config": dict(BLOCK_M=1, BLOCK_N=64, BLOCK_K=64, programs_per_sm=4, num_warps=4,
+                                       num_stages=2, prefetch="yes")}}}, "prefetch='yes'"),
+    ({"buckets": {"1": {"config": dict(BLOCK_M=1, BLOCK_N=64)}}}, "bucket 1"),
+])
+def test_bad_tuning_file_is_a_clear_error_and_changes_nothing(gpu_tables, tmp_path, monkeypatch, content, names):
+    cuda, dt = gpu_tables, torch.bfloat16
+    before = at.matmul_config(1, 4096, 4096, dt, cuda)
+    path = tmp_path / "tuning.json"
+    if isinstance(content, dict):
+        content = json.dumps({"format": at.TUNING_FORMAT, **content})
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=re.escape(names)) as e:
+        at.load_tuning(str(path))
+    assert "bench_kernels.py --final" in str(e.value) or "bucket" in str(e.value)
+    assert at.matmul_config(1, 4096, 4096, dt, cuda) == before and not at._TUNED
+    monkeypatch.setenv(at.TUNING_ENV, str(path))  # the same through the variable: named, and raised each call
+    for _ in range(2):
+        with pytest.raises(ValueError, match=re.escape(at.TUNING_ENV)):
+            at.matmul_config(1, 4096, 4096, dt, cuda)
+
+
+def test_launch_config_fields_are_checked():
+    with pytest.raises(ValueError, match="BLOCK_N=96"):
+        at.MatmulConfig(1, 96, 64, 4, 1, 1)
+    with pytest.raises(ValueError, match="num_warps=3"):
+        at.MatmulConfig(1, 64, 64, 4, 3, 1)
+    with pytest.raises(ValueError, match="compact_below=1.5"):
+        at.MatmulConfig(1, 64, 64, 4, 1, 1, compact_below=1.5)
+    with pytest.raises(ValueError, match="BLOCK_K='not a size'"):
+        at.set_override(1, BLOCK_K="not a size")
+    assert 1 not in at._OVERRIDE
 
 
 def test_launch_config_does_not_depend_on_earlier_calls():

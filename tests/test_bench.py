@@ -403,7 +403,7 @@ def test_bench_ops_threshold_gates_run_at_the_labelled_sparsity(M, shared):
     assert 1.0 - float(gate.mask(x).float().mean()) == pytest.approx(bo.SPARSITY, abs=0.01)
 
 
-@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_decode.sh"])
+@pytest.mark.parametrize("script", ["gpu_check.sh", "gpu_decode.sh", "gpu_decode_batch.sh"])
 def test_device_scripts_fit_one_call(script):
     """Each device script is one `run` call, which is stopped after 600 s: its steps' timeouts must fit."""
     text = (Path(__file__).resolve().parents[1] / "bench" / script).read_text()

@@ -573,6 +573,7 @@ def write_tuning(picked: dict, meta: dict, out_dir: str, quiet: bool = False) ->
         print(f"TUNING bucket {b}: {p['variant']} {p['geomean_us']:.1f} us geomean over {p['cases']} cases "
               f"(default {p['default_geomean_us']:.1f} us, x{p['default_geomean_us'] / p['geomean_us']:.2f}; "
               f"{p['candidates']} candidates)", flush=True)
+        print(f"TUNING   _GPU[{b}] = {p['config']!r}", flush=True)  # the line for kernels/_autotune.py's table
     print(f"wrote {path} (use it: SPARSE_INFER_TUNING={path})", flush=True)
     return path
 

@@ -124,9 +124,9 @@ _GPU = {
 
 _OVERRIDE: dict = {}
 _TUNED: dict = {}  # bucket -> MatmulConfig from a tuning file; CUDA only, in place of _GPU
-# what is loaded: its path, the GPU it was measured on, whether it came from $SPARSE_INFER_TUNING; the
-# variable's value at the last look (loaded again when it changes); whether the device warning was given
-_TUNING = {"path": None, "device": None, "from_env": False, "env": None, "warned": False}
+# what is loaded: the GPU it was measured on, whether it came from $SPARSE_INFER_TUNING; the variable's
+# value at the last look (loaded again when it changes); whether the device warning was given
+_TUNING = {"device": None, "from_env": False, "env": None, "warned": False}
 
 
 def _table(bucket: int) -> MatmulConfig:
@@ -162,7 +162,7 @@ def load_tuning(tuning: Union[str, os.PathLike, dict, None]) -> dict:
     parse as one raises ValueError and leaves the current configs as they were."""
     if tuning is None:
         _TUNED.clear()
-        _TUNING.update(path=None, device=None, from_env=False, warned=False)
+        _TUNING.update(device=None, from_env=False, warned=False)
         _CFG_CACHE.clear()
         return {}
     where = "tuning dict" if isinstance(tuning, dict) else f"tuning file {os.fspath(tuning)!r}"
@@ -195,8 +195,7 @@ def load_tuning(tuning: Union[str, os.PathLike, dict, None]) -> dict:
             raise ValueError(f"{where}: bucket {key}: {e}") from None
     _TUNED.clear()
     _TUNED.update(configs)
-    _TUNING.update(path=None if isinstance(tuning, dict) else os.fspath(tuning), device=data.get("device"),
-                   from_env=False, warned=False)
+    _TUNING.update(device=data.get("device"), from_env=False, warned=False)
     _CFG_CACHE.clear()
     return dict(configs)
 
@@ -257,9 +256,8 @@ def _pow2(n: int) -> int:
 def matmul_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device) -> MatmulConfig:
     """The launch configuration for an (M tokens) x (K -> N) sparse matmul (cached: launch overhead)."""
     key = (M if M <= 64 else 65, dtype, device.type, interpreting())
-    if device.type == "cuda" and not key[3] and (os.environ.get(TUNING_ENV) or None) != _TUNING["env"]:
-        _tuning_from_env()  # set or changed since the last call: the cached configs are stale
-        _CFG_CACHE.clear()
+    if device.type == "cuda" and not key[3]:
+        _tuning_from_env()  # the variable set or changed since the last call: (re)loads, clearing the cache
     cfg = _CFG_CACHE.get(key)
     if cfg is None:
         cfg = _CFG_CACHE[key] = _matmul_config(M if M <= 64 else 65, dtype, device)

@@ -39,6 +39,16 @@ def _positions(x: torch.Tensor) -> int:
     return x.shape[-2] if x.dim() >= 3 else _num_tokens(x)
 
 
+def _check_loaded(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> None:
+    # PyTorch returns numbers for F.linear(cpu_input, meta_weight): a module built on the meta
+    # device and called before its weights are loaded would compute garbage without this
+    if weight.is_meta and not x.is_meta:
+        raise RuntimeError(
+            f"{type(module).__name__} was called on {x.device} input but its weights are on the meta device "
+            "(not loaded): load them first, e.g. module.load_state_dict(state_dict, assign=True)"
+        )
+
+
 def _to_kernel_layout(param: torch.Tensor) -> None:
     """Store a CUDA weight column-major, in place (same Parameter, same values)."""
     if param.is_cuda and param.stride(0) != 1:
@@ -204,6 +214,7 @@ class SparseLinear(_GatedBase):
         return ops.sparse_linear(x, self.weight, self.bias, gate, backend="triton")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_loaded(self, self.weight, x)
         tokens = _num_tokens(x)
         if self._runs_dense(x):
             self._record(None, tokens, dense=True)
@@ -356,6 +367,7 @@ class SparseGatedMLP(_GatedBase):
         return 3.0 * self.hidden_size * self.intermediate_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_loaded(self, self.gate_proj.weight, x)
         tokens = _num_tokens(x)
         if self._runs_dense(x):
             self._record(None, tokens, dense=True)

@@ -27,7 +27,7 @@ from . import reference as ref
 from .config import TARGETS, SparsityConfig
 from .modules import RSparseLinear, SparseGatedMLP, SparseLinear, k_for_density
 
-__all__ = ["Family", "FAMILIES", "register_family", "find_family", "check_gated_mlp", "sparsify", "unsparsify", "plan_layers", "LayerPlan", "sparse_modules", "model_sparsity"]
+__all__ = ["Family", "FAMILIES", "register_family", "find_family", "check_gated_mlp", "check_weights", "sparsify", "unsparsify", "plan_layers", "LayerPlan", "sparse_modules", "model_sparsity"]
 
 CONFIG_KEY = "sparse_infer"  # namespaced, versioned entry in model.config
 
@@ -183,8 +183,42 @@ class LayerPlan:
     sparsity: float = 0.0
 
 
+# what the sparse modules compute with: the kernels serve the first three, the reference path all four
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_weights(name: str, module: nn.Module) -> None:
+    """A target's parameters must be resident dense floating-point tensors.
+
+    The sparse modules compute with the weight tensors themselves: an offloaded weight (left on
+    the meta device while accelerate's hooks swap the real one in for each forward) or a
+    quantized one (int8/uint8 storage, a tensor subclass) would be read as something else, and
+    PyTorch even returns numbers for ``F.linear(cpu_input, meta_weight)``.  So both are refused
+    here, before anything is replaced."""
+    for sub_name, sub in module.named_modules():
+        for p_name, p in sub.named_parameters(recurse=False):
+            where = ".".join(filter(None, (name, sub_name, p_name)))
+            if p.is_meta:
+                raise ValueError(
+                    f"{where} is on the meta device, so the module holds no values (accelerate offloads weights "
+                    "there when a device_map sends layers to 'cpu' or 'disk'; init_empty_weights leaves them there). "
+                    "sparse-infer computes with the weight tensors themselves: load the model without offloading "
+                    "(a device_map that fits it on your GPUs, or on the CPU) before sparsify or calibrate"
+                )
+            plain = type(p) in (nn.Parameter, torch.Tensor)
+            if not plain or p.dtype not in WEIGHT_DTYPES:
+                raise ValueError(
+                    f"{where} is {'a tensor' if plain else 'a ' + type(p).__name__} of dtype {p.dtype} in a "
+                    f"{type(sub).__name__}: sparse-infer patches dense "
+                    f"{'/'.join(str(d).replace('torch.', '') for d in WEIGHT_DTYPES)} weights, not quantized or "
+                    "sharded ones: load the model unquantized (transformers de-quantizes GGUF files) and without "
+                    "tensor parallelism"
+                )
+
+
 def _targets(model: nn.Module, family: Family, config: SparsityConfig):
-    """(name, parent, attribute, module, kind) for each module to replace, in model order."""
+    """(name, parent, attribute, module, kind) for each module to replace, in model order; each
+    one's weights checked by `check_weights`."""
     names = {id(m): n for n, m in model.named_modules()}
     out = []
     for layer in decoder_layers(model):
@@ -201,6 +235,8 @@ def _targets(model: nn.Module, family: Family, config: SparsityConfig):
                 for n in family.mlp_linears:
                     m = getattr(mlp, n)
                     out.append((names[id(m)], mlp, n, m, "linear"))
+    for name, _parent, _attr, module, _kind in out:
+        check_weights(name, module)
     return out
 
 

@@ -127,6 +127,18 @@ def test_gated_mlp_module():
     assert half.to_mlp() is mlp
 
 
+@pytest.mark.parametrize("kind", ["linear", "rsparse", "mlp"])
+def test_weights_left_on_the_meta_device_are_a_clear_error(kind):
+    """F.linear(cpu input, meta weight) returns numbers in PyTorch: the modules refuse instead."""
+    with torch.device("meta"):
+        module = nn.Linear(16, 8) if kind != "mlp" else _MLP(nn.SiLU())
+    sparse = {"linear": lambda: SparseLinear.from_linear(module, k=8),
+              "rsparse": lambda: RSparseLinear.from_linear(module, k=8, rank=2),
+              "mlp": lambda: SparseGatedMLP.from_mlp(module, k=20)}[kind]()
+    with pytest.raises(RuntimeError, match=r"weights are on the meta device \(not loaded\).*assign=True"):
+        sparse(torch.randn(2, 16))
+
+
 def test_threshold_gate_carries_its_calibrated_density(linear):
     """Thresholds hand their target density to the kernels as a launch hint; top-k needs none (k/width)."""
     m = SparseLinear.from_linear(linear, threshold=0.3)

@@ -103,6 +103,56 @@ def test_an_mlp_with_a_projection_that_is_not_a_linear_is_refused():
              r"layer 0: its mlp is a LlamaMLP, not gate_proj/up_proj/down_proj linears")
 
 
+# --------------------------------------------------------------------------- weights the modules cannot compute with
+@pytest.mark.parametrize("method", ["topk", "threshold", "rsparse", "gate"])
+def test_offloaded_weights_are_refused_before_calibration(method):
+    """accelerate's offload leaves the weights on the meta device and swaps them in per forward: a
+    sparse module would compute with the meta tensor (PyTorch returns numbers for that)."""
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_model("llama")
+    accelerate.cpu_offload(model, execution_device="cpu")
+    calibration = [_ids(seed=s, batch=1, length=16)[0] for s in range(2)] if method != "topk" else None
+    _refused(model, SparsityConfig(method=method, sparsity=0.3), r"model\.layers\.0\.mlp\.\w+\.weight is on the meta "
+             r"device.*load the model without offloading", calibration=calibration)
+
+
+def test_a_weight_left_on_the_meta_device_is_refused():
+    model = tiny_model("llama")
+    up = model.model.layers[1].mlp.up_proj
+    up.weight = nn.Parameter(torch.empty_like(up.weight, device="meta"))
+    _refused(model, SparsityConfig(targets="all", sparsity=0.5), r"layers\.1\.mlp\.up_proj\.weight is on the meta device",
+             forward=False)
+
+
+class _Int8Linear(nn.Linear):
+    """An nn.Linear subclass with int8 storage, as quantization libraries make them."""
+
+    def __init__(self, linear):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None)
+        self.weight = nn.Parameter((linear.weight.detach() * 64).round().to(torch.int8), requires_grad=False)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight.to(x.dtype) / 64, self.bias)
+
+
+class _Packed(torch.Tensor):
+    """A weight held as a tensor subclass (quantized or sharded storage)."""
+
+
+@pytest.mark.parametrize("which", ["int8", "subclass"])
+def test_quantized_weights_are_refused(which):
+    model = tiny_model("llama")
+    mlp = model.model.layers[0].mlp
+    if which == "int8":
+        mlp.down_proj = _Int8Linear(mlp.down_proj)
+        match = r"mlp\.down_proj\.weight is a tensor of dtype torch\.int8 in a _Int8Linear.*load the model unquantized"
+    else:
+        mlp.down_proj.weight = nn.Parameter(mlp.down_proj.weight.detach().as_subclass(_Packed))
+        match = r"mlp\.down_proj\.weight is a _Packed of dtype torch\.float32 in a Linear.*not quantized or sharded"
+    for method in ("topk", "gate"):
+        _refused(model, SparsityConfig(method=method, sparsity=0.3), match)
+
+
 class _OtherAttention(nn.Module):
     def __init__(self, attn):
         super().__init__()

@@ -94,7 +94,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._autotune import interpreting, num_sms
+from ._autotune import cdiv, interpreting, num_sms
 from .gating import _check_scale, _topk_launch
 
 __all__ = ["gated_mlp", "MAX_KERNEL_TOKENS", "ACTIVATIONS"]
@@ -465,7 +465,7 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
     interp = interpreting()
     # under the interpreter: few, large programs (its cost is per program and op)
     bn, bk, nw = (32, 32, 4) if interp else _GATE_CFG[mode]
-    grid_n = (triton.cdiv(inter, bn),)
+    grid_n = (cdiv(inter, bn),)
     act = ACTIVATIONS[act_name]
     scale = dummy if gate.scale is None else _check_scale(gate.scale, inter, dev)
     common = dict(ACT=act, HAS_SCALE=gate.scale is not None, HAS_BG=gate_bias is not None,
@@ -499,16 +499,16 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
                                 **common)
 
     bi, bj, dw = (32, 32, 4) if interp else _DOWN_CFG[mode]
-    grid_j = triton.cdiv(out_f, bj)
+    grid_j = cdiv(out_f, bj)
     want = max(1, (4 * num_sms(dev)) // grid_j)
-    chunk = triton.cdiv(triton.cdiv(inter, want), bi) * bi
-    splits = triton.cdiv(inter, chunk)
+    chunk = cdiv(cdiv(inter, want), bi) * bi
+    splits = cdiv(inter, chunk)
     part = torch.empty((splits, M, out_f), device=dev, dtype=torch.float32)
     _down_kernel[(grid_j, splits)](p, down_weight, down_weight.stride(0), down_weight.stride(1), part,
                                    M, inter, out_f, chunk, M_PAD=m_pad, BLOCK_I=bi, BLOCK_J=bj, USE_DOT=use_dot,
                                    DOT_F32=dot_f32, num_warps=dw, enable_fp_fusion=True)
     fb = 64 if interp else max(64, 1024 // m_pad)
-    _finalize_kernel[(triton.cdiv(out_f, fb),)](part, down_bias if down_bias is not None else dummy,
+    _finalize_kernel[(cdiv(out_f, fb),)](part, down_bias if down_bias is not None else dummy,
                                                 x2, x2.stride(0), x2.stride(1), out, M, out_f, hidden, splits,
                                                 HAS_BD=down_bias is not None, M_PAD=m_pad, BLOCK=fb, BLOCK_X=fb,
                                                 num_warps=4)

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._autotune import interpreting
+from ._autotune import cdiv, interpreting, next_pow2
 
 __all__ = ["topk_mask", "threshold_mask", "topk_gate", "threshold_gate", "gate_mask", "token_mask", "RESIDENT_MAX"]
 
@@ -249,7 +249,7 @@ def pregate(x2: torch.Tensor, mode: int, t=None, stride_t: int = 0, scale=None, 
     if invert:
         out.update(xi=torch.empty_like(xe), anyi=torch.empty_like(anyv))
     block = compact_block or (128 if interpreting() else 512)
-    nblocks = triton.cdiv(K, block)
+    nblocks = cdiv(K, block)
     if compact_block:
         out.update(idx=torch.empty(nblocks * block, dtype=ids_dtype, device=dev),
                    cnt=torch.empty(nblocks, dtype=torch.int32, device=dev))
@@ -345,9 +345,9 @@ def _topk_launch(x2: torch.Tensor, k: int, scale, shared: bool, steps: int = 1) 
     mask = torch.empty((rows, K), dtype=torch.int8, device=x2.device)
     resident = K <= RESIDENT_MAX
     if interpreting():
-        block = triton.next_power_of_2(K) if resident else 1024
+        block = next_pow2(K) if resident else 1024
     else:
-        block = triton.next_power_of_2(K) if resident else 4096
+        block = next_pow2(K) if resident else 4096
     warps = 1 if interpreting() else max(4, min(16, block // 1024))
     _topk_kernel[(rows,)](
         x2, s if s is not None else x2, mask, M, K, k,
@@ -367,7 +367,7 @@ def _threshold_launch(x2: torch.Tensor, threshold, scale, shared: bool, steps: i
     if N == 0 or K == 0:
         return mask.fill_(0)
     block = 128 if interpreting() else 1024
-    _threshold_kernel[(rows, triton.cdiv(K, block))](
+    _threshold_kernel[(rows, cdiv(K, block))](
         x2, t, s if s is not None else x2, mask, M, K,
         s_row, s_mem, x2.stride(1), st, mask.stride(0),
         HAS_SCALE=s is not None, SHARED=shared, BLOCK=block, num_warps=4, **EXACT_RMS,
@@ -405,7 +405,7 @@ def apply_mask(x2: torch.Tensor, mask: torch.Tensor, invert: bool = False) -> to
         raise ValueError(f"mask has {mask.shape[0]} rows for {M} tokens")
     stride_mm = 0 if mask.shape[0] == 1 else mask.stride(0)
     block = 128 if interpreting() else 1024
-    _apply_mask_kernel[(M, triton.cdiv(K, block))](
+    _apply_mask_kernel[(M, cdiv(K, block))](
         x2, mask, out, M, K, x2.stride(0), x2.stride(1), stride_mm, mask.stride(1), out.stride(0),
         INVERT=invert, BLOCK=block, num_warps=4,
     )

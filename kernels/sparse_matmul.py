@@ -414,16 +414,16 @@ def _launch(x2, w, bias, y, *, mode, t=None, stride_t=0, scale=None, gm=None, in
     block_m = cfg.BLOCK_M
     use_dot = cfg.use_dot
     dot_native = use_dot and x2.is_cuda and not interpreting() and x2.dtype in (torch.float16, torch.bfloat16)
-    n_tiles = triton.cdiv(N, cfg.BLOCK_N)
-    m_tiles = triton.cdiv(M, block_m)
-    k_blocks = max(1, triton.cdiv(K, cfg.BLOCK_K))
+    n_tiles = _autotune.cdiv(N, cfg.BLOCK_N)
+    m_tiles = _autotune.cdiv(M, block_m)
+    k_blocks = max(1, _autotune.cdiv(K, cfg.BLOCK_K))
     if mode == MODE_COMPACT:  # one program per compaction block of ``cblock`` channels
         per = cblock // cfg.BLOCK_K
-        split = triton.cdiv(K, cblock)
+        split = _autotune.cdiv(K, cblock)
     else:
         split, per = _autotune.split_k(n_tiles, m_tiles, k_blocks, cfg, dev)
     R = 0 if z is None else z.shape[1]
-    r_per = triton.cdiv(triton.cdiv(R, cfg.BLOCK_K), split) if R else 0
+    r_per = _autotune.cdiv(_autotune.cdiv(R, cfg.BLOCK_K), split) if R else 0
     ws, cnt = _workspace(dev, M * N, n_tiles * m_tiles) if split > 1 else (y, y)
     dummy = x2
     gm_s0 = gm.stride(0) if gm is not None and gm.dim() == 2 and gm.shape[0] > 1 else 0
@@ -500,9 +500,9 @@ def _fused_block_m(M: int, x2: torch.Tensor) -> int:
 def compact_block(M: int, N: int, K: int, x2: torch.Tensor) -> int:
     """Channels per compaction block (a power of two, a multiple of BLOCK_K): one K-split each."""
     cfg = _autotune.matmul_config(M, N, K, x2.dtype, x2.device)
-    n_tiles = triton.cdiv(N, cfg.BLOCK_N) * triton.cdiv(M, cfg.BLOCK_M)
-    _, per = _autotune.split_k(n_tiles, 1, max(1, triton.cdiv(K, cfg.BLOCK_K)), cfg, x2.device)
-    return cfg.BLOCK_K * triton.next_power_of_2(per)
+    n_tiles = _autotune.cdiv(N, cfg.BLOCK_N) * _autotune.cdiv(M, cfg.BLOCK_M)
+    _, per = _autotune.split_k(n_tiles, 1, max(1, _autotune.cdiv(K, cfg.BLOCK_K)), cfg, x2.device)
+    return cfg.BLOCK_K * _autotune.next_pow2(per)
 
 
 def _pregated(x2: torch.Tensor, gargs: dict, invert: bool, cblock: int = 0):

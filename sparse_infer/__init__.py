@@ -10,7 +10,7 @@ from .calibrate import Calibration, calibrate  # the function shadows its module
 from .config import SparsityConfig
 from .io import load_sparsity, save_sparsity
 from .modules import RSparseLinear, SparseGatedMLP, SparseLinear
-from .patch import FAMILIES, Family, model_sparsity, register_family, sparse_modules, sparsify, unsparsify
+from .patch import FAMILIES, Family, model_sparsity, record_stats, register_family, sparse_modules, sparsify, unsparsify
 
 __version__ = "0.1.0"
 
@@ -23,6 +23,7 @@ __all__ = [
     "unsparsify",
     "sparse_modules",
     "model_sparsity",
+    "record_stats",
     "Family",
     "FAMILIES",
     "register_family",

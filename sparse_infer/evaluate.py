@@ -44,7 +44,7 @@ from . import __version__
 from . import data as textdata
 from .config import GATE_MAX_SPARSITY, METHODS, SparsityConfig, _check_sparsity
 from .modules import SparseGatedMLP
-from .patch import check_gated_mlp, decoder_layers, find_family, sparse_modules, sparsify, unsparsify
+from .patch import check_gated_mlp, decoder_layers, find_family, record_stats, sparse_modules, sparsify, unsparsify
 
 __all__ = ["evaluate", "perplexity", "EvalError", "EvalSettings", "DEFAULT_METHODS", "DEFAULT_SPARSITIES", "PROTOCOLS", "EVAL_MODES", "ROW_FIELDS"]
 
@@ -253,11 +253,6 @@ def measured_sparsity(model: nn.Module) -> float:
     return model_sparsity(model, measured=True)
 
 
-def _set_recording(model: nn.Module, on: bool, reset: bool = False):
-    for m in sparse_modules(model).values():
-        m.record_stats = on
-        if reset:
-            m.reset_stats()
 
 
 class _dense_calls:
@@ -521,7 +516,7 @@ def evaluate(
                     bar.set_description(label)
                     for protocol in s.protocols:
                         t2 = time.time()
-                        _set_recording(lm, True, reset=True)
+                        record_stats(lm)
                         acc = _Acc()
                         for j in range(0, len(wins), b):
                             batch = torch.stack(wins[j:j + b]).to(dev)
@@ -544,7 +539,7 @@ def evaluate(
                         log(f"{label:<24} {protocol:<6} sparsity {r['sparsity']:.3f}  bytes {r['bytes_rel']:.3f}  "
                             f"ppl {r['ppl']:.3f}  kl {r['kl']:.4f}  top1 {r['top1']:.3f}  ({time.time() - t1:.0f} s)")
                 finally:
-                    _set_recording(lm, False)
+                    record_stats(lm, False)
                     if method != "dense":
                         unsparsify(lm)
     finally:

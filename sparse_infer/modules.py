@@ -39,6 +39,59 @@ def _positions(x: torch.Tensor) -> int:
     return x.shape[-2] if x.dim() >= 3 else _num_tokens(x)
 
 
+class BatchContext:
+    """The attention mask of the model call in flight, for the sparse modules of one model.
+
+    `sparsify` hooks it onto the module that owns the decoder layers: the forward pre-hook keeps
+    the call's 2-D ``attention_mask`` and the forward hook drops it.  The modules read it to leave
+    padding out of what they decide and count: the RMS a shared mask ranks channels by over the
+    sequences of a batch, and the recorded sparsity.  Only calls over several positions use it
+    (prefill, scoring whole sequences); a decode step counts every row, as a server batches them.
+    """
+
+    def __init__(self, arg_index: Optional[int] = None):
+        self.arg_index = arg_index  # position of attention_mask in the hooked forward's arguments
+        self.mask: Optional[torch.Tensor] = None
+        self.use_cache: Optional[bool] = None
+        self.warned_cacheless = False
+        self.handles: list = []
+
+    def enter(self, _module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is None and self.arg_index is not None and len(args) > self.arg_index:
+            mask = args[self.arg_index]
+        self.mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        self.use_cache = kwargs.get("use_cache")
+
+    def exit(self, _module, _args, _kwargs, _output):
+        self.mask, self.use_cache = None, None
+
+    def dense_call(self, limit: int, positions: int) -> None:
+        """A module ran a call dense under ``dense_prefill_above``: without the KV cache that is every step."""
+        if self.use_cache is False and not self.warned_cacheless:
+            self.warned_cacheless = True
+            warnings.warn(
+                f"dense_prefill_above={limit} ran a call of {positions} positions dense with use_cache=False: without "
+                "the KV cache every generation step runs the whole sequence, so every step counts as a prefill and "
+                "runs dense. Generate with the cache (use_cache=True, the default) to run the decode steps sparse, "
+                "or set dense_prefill_above=None",
+                stacklevel=2,
+            )
+
+    def valid_rows(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """bool (batch, seq) of the tokens of ``x`` (batch, seq, features) that are not padding, or
+        None: no mask, a one-position call, or a shape the mask does not describe."""
+        mask = self.mask
+        if mask is None or x.dim() != 3 or x.shape[1] < 2 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            return None
+        return mask[:, -x.shape[1]:] != 0
+
+
+def _refit_hook(module: nn.Module, _incompatible) -> None:
+    # a module-level function, not a lambda: a patched model must stay picklable (torch.save(model))
+    module._refit_to_weight()
+
+
 def _check_loaded(module: nn.Module, weight: torch.Tensor, x: torch.Tensor) -> None:
     # PyTorch returns numbers for F.linear(cpu_input, meta_weight): a module built on the meta
     # device and called before its weights are loaded would compute garbage without this
@@ -98,13 +151,31 @@ class _GatedBase(nn.Module):
         self.reset_stats()
         # Density the planner aimed at (thresholds: the calibrated target); k/width when top-k.
         self.target_density: Optional[float] = None
+        # set by `sparsify` (one per model): the attention mask of the call in flight
+        object.__setattr__(self, "_batch", None)
 
-    def gate(self) -> ops.Gate:
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() would round the calibrated thresholds and importance
+        # scales (a threshold of 0.6745 becomes 0.6758 in bf16, and the density moves): they follow
+        # the model's device but stay float32
+        kept = {n: getattr(self, n) for n in ("threshold", "scale") if getattr(self, n, None) is not None}
+        out = super()._apply(fn, recurse)
+        for n, t in kept.items():
+            moved = getattr(self, n)
+            if moved.dtype != t.dtype:
+                setattr(self, n, t.to(moved.device))
+        return out
+
+    def _valid_rows(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        return None if self._batch is None else self._batch.valid_rows(x)
+
+    def gate(self, valid: Optional[torch.Tensor] = None) -> ops.Gate:
         # thresholds pass their calibrated density to the kernels as a launch hint (top-k: k/width)
         density = None
         if self.threshold is not None and self.target_density is not None:
             density = min(1.0, max(0.0, float(self.target_density)))  # planner arithmetic may round past 0
-        return ops.Gate(k=self.k, threshold=self.threshold, scale=self.scale, shared=self.shared, density=density)
+        return ops.Gate(k=self.k, threshold=self.threshold, scale=self.scale, shared=self.shared, density=density,
+                        valid=valid if self.shared else None)
 
     def reset_stats(self):
         self.stats_tokens = 0
@@ -126,19 +197,30 @@ class _GatedBase(nn.Module):
         return 1.0 if d is None else d
 
     def _runs_dense(self, x: torch.Tensor) -> bool:
-        return self.dense_prefill_above is not None and _positions(x) > self.dense_prefill_above
+        dense = self.dense_prefill_above is not None and _positions(x) > self.dense_prefill_above
+        if dense and self._batch is not None:
+            self._batch.dense_call(self.dense_prefill_above, _positions(x))
+        return dense
 
-    def _record(self, mask: torch.Tensor, tokens: int, dense: bool = False):
+    def _record(self, mask: torch.Tensor, tokens: int, dense: bool = False, valid: Optional[torch.Tensor] = None):
+        """Count the active channels of a call; ``valid`` (batch, seq): only those tokens count (padding does not)."""
         if not self.record_stats:
             return
+        if valid is not None:
+            tokens = int(valid.sum())
         self.stats_tokens += tokens
         if self.width == 0:  # no channels: nothing active, and a density is undefined (None)
             return
         if dense:
             self.stats_active += tokens * self.width
         elif self.shared:  # one mask row per decode step, shared by its tokens
-            rows = mask.numel() // self.width
-            self.stats_active += float(mask.sum()) * tokens / rows
+            if valid is not None:  # (seq, width) masks, each used by the step's valid tokens
+                self.stats_active += float((mask.sum(-1).double() * valid.sum(0).double()).sum())
+            else:
+                rows = mask.numel() // self.width
+                self.stats_active += float(mask.sum()) * tokens / rows
+        elif valid is not None:
+            self.stats_active += float(mask[valid].sum())
         else:
             self.stats_active += float(mask.sum())
 
@@ -178,10 +260,13 @@ class SparseLinear(_GatedBase):
         object.__setattr__(self, "_original", linear)  # hidden from state_dict and children()
         # weights loaded into the patched model (fine-tuned ones, say) must not run with the
         # importance scale and low-rank factor of the weights it was patched with
-        self.register_load_state_dict_post_hook(lambda module, _incompatible: module._refit_to_weight())
+        self.register_load_state_dict_post_hook(_refit_hook)
 
     def _refit_to_weight(self) -> None:
         """Recompute what is a function of the weight alone (the importance scale) after a load."""
+        # `load_state_dict(..., assign=True)` puts new Parameters here: the hidden original must not keep
+        # the old ones alive (twice the memory) nor hand them back in `to_linear`
+        self._original.weight, self._original.bias = self.weight, self.bias
         if self.scale is not None:
             self.scale = ref.column_norms(self.weight).float().to(self.weight.device)
 
@@ -192,7 +277,7 @@ class SparseLinear(_GatedBase):
     def to_linear(self) -> nn.Linear:
         """The original `nn.Linear` (the same object), with its weight back in row-major layout."""
         _to_row_major(self.weight)
-        # `load_state_dict(..., assign=True)` may have put new Parameters on this module
+        # Parameters assigned to this module directly (not through load_state_dict) go back too
         self._original.weight, self._original.bias = self.weight, self.bias
         return self._original
 
@@ -216,15 +301,16 @@ class SparseLinear(_GatedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_loaded(self, self.weight, x)
         tokens = _num_tokens(x)
+        valid = self._valid_rows(x)
         if self._runs_dense(x):
-            self._record(None, tokens, dense=True)
+            self._record(None, tokens, dense=True, valid=valid)
             return F.linear(x, self.weight, self.bias)
-        gate = self.gate()
+        gate = self.gate(valid)
         if ops.use_kernels(self.backend, x, gate, self.weight, self.bias):
             _to_kernel_layout(self.weight)
             return self._kernel_forward(x, gate)
         mask = gate.mask(x)
-        self._record(mask, tokens)
+        self._record(mask, tokens, valid=valid)
         return self._sparse_forward(x, mask)
 
     def extra_repr(self) -> str:
@@ -369,10 +455,11 @@ class SparseGatedMLP(_GatedBase):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_loaded(self, self.gate_proj.weight, x)
         tokens = _num_tokens(x)
+        valid = self._valid_rows(x)  # the gated hidden state has x's leading (batch, seq) dims
         if self._runs_dense(x):
-            self._record(None, tokens, dense=True)
+            self._record(None, tokens, dense=True, valid=valid)
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        gate = self.gate()
+        gate = self.gate(valid)
         projections = ops.linear_params(self.gate_proj, self.up_proj, self.down_proj)
         if self.act_name is not None and ops.use_kernels(self.backend, x, gate, *projections):
             _to_kernel_layout(self.down_proj.weight)
@@ -388,7 +475,7 @@ class SparseGatedMLP(_GatedBase):
             x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight, self.act_fn, mask_fn,
             self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias,
         )
-        self._record(recorded["mask"], tokens)
+        self._record(recorded["mask"], tokens, valid=valid)
         return out
 
     def extra_repr(self) -> str:

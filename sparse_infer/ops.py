@@ -36,7 +36,9 @@ class Gate:
     optional per-channel importance (``|x_i * s_i|`` is what is ranked).
     ``density`` is a launch hint only: the fraction of channels a threshold is
     expected to keep (its calibration target), from which the kernels pick their
-    loop (the mask itself never depends on it).
+    loop (the mask itself never depends on it).  ``valid`` (bool, ``(batch, seq)``
+    for ``(batch, seq, in)`` input) marks the tokens a shared mask is decided by:
+    padding is left out of the RMS over the batch (None: every token counts).
     """
 
     k: Optional[int] = None
@@ -44,6 +46,7 @@ class Gate:
     scale: Optional[torch.Tensor] = None
     shared: bool = False
     density: Optional[float] = None
+    valid: Optional[torch.Tensor] = None
 
     def __post_init__(self):
         if (self.k is None) == (self.threshold is None):
@@ -54,11 +57,13 @@ class Gate:
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """The reference mask: shaped like ``x`` per token; when shared, one row per decode step
         (``(in,)`` for 2-D ``x``, ``(seq, in)`` for ``(batch, seq, in)``), broadcasting against ``x``."""
+        if self.shared:
+            if self.k is not None:
+                return ref.shared_topk_mask(x, self.k, self.scale, self.valid)
+            return ref.shared_threshold_mask(x, self.threshold, self.scale, self.valid)
         if self.k is not None:
-            fn = ref.shared_topk_mask if self.shared else ref.topk_mask
-            return fn(x, self.k, self.scale)
-        fn = ref.shared_threshold_mask if self.shared else ref.threshold_mask
-        return fn(x, self.threshold, self.scale)
+            return ref.topk_mask(x, self.k, self.scale)
+        return ref.threshold_mask(x, self.threshold, self.scale)
 
 
 def _interpreting() -> bool:
@@ -89,7 +94,8 @@ def linear_params(*linears) -> tuple:
 def use_kernels(backend: str, x: torch.Tensor, gate: Gate, *params) -> bool:
     """Whether a call runs the Triton kernels: the backend resolves to them, they serve the call's
     shape, and no gradient is asked for (the kernels have no backward; the reference path does)."""
-    if resolve_backend(backend, x) != "triton" or shared_prefill(x, gate):
+    # a shared mask over several positions, or one that leaves padding out (`Gate.valid`): the reference
+    if resolve_backend(backend, x) != "triton" or shared_prefill(x, gate) or gate.valid is not None:
         return False
     if needs_grad(x, *params):
         warnings.warn(

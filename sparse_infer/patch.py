@@ -13,6 +13,7 @@ bad input raises and leaves the model untouched.
 from __future__ import annotations
 
 import fnmatch
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,9 @@ from tqdm.auto import tqdm
 from . import ops
 from . import reference as ref
 from .config import TARGETS, SparsityConfig
-from .modules import RSparseLinear, SparseGatedMLP, SparseLinear, k_for_density
+from .modules import BatchContext, RSparseLinear, SparseGatedMLP, SparseLinear, k_for_density
 
-__all__ = ["Family", "FAMILIES", "register_family", "find_family", "check_gated_mlp", "check_weights", "sparsify", "unsparsify", "plan_layers", "LayerPlan", "sparse_modules", "model_sparsity"]
+__all__ = ["Family", "FAMILIES", "register_family", "find_family", "check_gated_mlp", "check_weights", "sparsify", "unsparsify", "plan_layers", "LayerPlan", "sparse_modules", "model_sparsity", "record_stats"]
 
 CONFIG_KEY = "sparse_infer"  # namespaced, versioned entry in model.config
 
@@ -385,6 +386,40 @@ def _check_budget(calibration, config: SparsityConfig, where: str):
     return calibration
 
 
+def _layers_owner(model: nn.Module) -> Optional[nn.Module]:
+    """The module whose forward runs the decoder layers (and takes the ``attention_mask``)."""
+    layers = decoder_layers(model)
+    return next((m for m in model.modules() if any(c is layers for c in m.children())), None)
+
+
+BATCH_ATTR = "_sparse_infer_batch"  # the BatchContext `sparsify` hooks onto the layers' owner
+
+
+def _attach_batch(model: nn.Module, modules: Iterable[nn.Module]) -> None:
+    """Hook a BatchContext onto the layers' owner so the sparse modules see the call's attention mask."""
+    owner = _layers_owner(model)
+    if owner is None:
+        return
+    try:
+        names = list(inspect.signature(owner.forward).parameters)
+        index = names.index("attention_mask") if "attention_mask" in names else None
+    except (TypeError, ValueError):
+        index = None
+    ctx = BatchContext(index)
+    ctx.handles = [owner.register_forward_pre_hook(ctx.enter, with_kwargs=True),
+                   owner.register_forward_hook(ctx.exit, with_kwargs=True, always_call=True)]
+    object.__setattr__(owner, BATCH_ATTR, ctx)
+    for m in modules:
+        object.__setattr__(m, "_batch", ctx)
+
+
+def _detach_batch(model: nn.Module) -> None:
+    owner = _layers_owner(model)
+    ctx = owner.__dict__.pop(BATCH_ATTR, None) if owner is not None else None
+    for h in getattr(ctx, "handles", ()):
+        h.remove()
+
+
 def _check_backend(model: nn.Module, config: SparsityConfig) -> None:
     """backend='triton' on weights the kernels cannot serve fails now, not at the first forward."""
     if config.backend != "triton":
@@ -451,6 +486,7 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, calibrat
     ]
     for (parent, attr, _module), new in built:
         setattr(parent, attr, new)
+    _attach_batch(model, [new for _, new in built])
     if getattr(model, "config", None) is not None:
         entry = {"version": 1, "family": family.name, "config": config.to_dict()}
         if getattr(calibration, "meta", None):  # how the calibration was made (split, budget), for save_sparsity
@@ -471,13 +507,37 @@ def unsparsify(model: nn.Module) -> nn.Module:
         parent = model.get_submodule(parent_name) if parent_name else model
         original = module.to_mlp() if isinstance(module, SparseGatedMLP) else module.to_linear()
         setattr(parent, attr, original)
+    _detach_batch(model)
     if getattr(model, "config", None) is not None and hasattr(model.config, CONFIG_KEY):
         delattr(model.config, CONFIG_KEY)
     return model
 
 
+def record_stats(model: nn.Module, on: bool = True) -> nn.Module:
+    """Start the sparse modules' counting of active channels from zero (``on=False``: stop it and
+    keep the counts).
+
+    The reference path counts (every call of a module on the CPU, or with ``backend="reference"``);
+    the Triton kernels do not.  Read the result with ``model_sparsity(model, measured=True)``.
+    Tokens that the call's ``attention_mask`` marks as padding are not counted."""
+    for m in sparse_modules(model).values():
+        m.record_stats = bool(on)
+        if on:
+            m.reset_stats()
+    return model
+
+
 def model_sparsity(model: nn.Module, measured: bool = False) -> float:
-    """Model-level sparsity ``1 - read/dense`` over the patched modules (nominal, or measured since `reset_stats`)."""
+    """Model-level sparsity ``1 - read/dense`` over the patched modules (nominal, or measured since `reset_stats`).
+
+    ``measured=True`` counts the modules that recorded tokens (`record_stats`) and raises a ValueError
+    when none did, rather than report a model that ran sparse as 0 % sparse."""
+    if measured and not any(m.stats_tokens for m in sparse_modules(model).values()):
+        raise ValueError(
+            "model_sparsity(measured=True): no sparse module has recorded a token. Call "
+            "sparse_infer.record_stats(model) before the forward passes to count (the reference path counts, "
+            "the Triton kernels do not), or use measured=False for the nominal sparsity"
+        )
     read = dense = 0.0
     for m in sparse_modules(model).values():
         density = m.measured_density if measured else None

@@ -103,7 +103,7 @@ def threshold_mask(
     return ~(_importance(x, scale) <= t)
 
 
-def _step_importance(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+def _step_importance(x: torch.Tensor, scale: Optional[torch.Tensor], valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Root mean square of ``x·s`` over the tokens of one decode step.
 
     Why RMS rather than the mean of ``|x·s|``: dropping channel ``i`` for the
@@ -121,9 +121,20 @@ def _step_importance(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Te
     sequence (so a prefill of B sequences is scored like B sequences decoded
     together, step by step); for a 2-D ``(M, in)`` input, all M tokens.
     Returns ``(seq, in)`` for 3-D and higher inputs, ``(in,)`` for 2-D and 1-D.
+
+    ``valid`` (bool, ``x.shape[:-1]``): only those tokens are scored, the mean
+    taken over their count per step (padding of a batch of unequal sequences
+    must not steer the mask the real tokens get); a step with none scores 0.
     """
     imp = _importance(x, scale)
     sq = imp * imp
+    count = None
+    if valid is not None:
+        if tuple(valid.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"valid has shape {tuple(valid.shape)}, expected x's token dims {tuple(x.shape[:-1])}")
+        sq = torch.where(valid.unsqueeze(-1), sq, torch.zeros((), dtype=sq.dtype, device=sq.device))
+        per_step = valid.reshape(-1) if x.dim() <= 2 else valid.reshape(-1, x.shape[-2])
+        count = per_step.sum(dim=0).clamp_min(1).to(torch.float32).unsqueeze(-1)
     rows = sq.reshape(-1, x.shape[-1]) if x.dim() <= 2 else sq.reshape(-1, x.shape[-2], x.shape[-1])
     # token order, as written in the spec (torch's mean reduces in another order from 5 rows on,
     # and a score one ulp off flips a channel sitting on a threshold)
@@ -132,25 +143,28 @@ def _step_importance(x: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Te
         acc = acc + r
     # torch's vectorised float32 sqrt on the CPU may be 1 ulp off; the float64 root rounded to
     # float32 is the correctly rounded one (the kernels' sqrt_rn)
-    return (acc / len(rows)).double().sqrt().float()
+    return (acc / (len(rows) if count is None else count)).double().sqrt().float()
 
 
-def shared_topk_mask(x: torch.Tensor, k: int, scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+def shared_topk_mask(x: torch.Tensor, k: int, scale: Optional[torch.Tensor] = None,
+                     valid: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Batch-shared top-k: per decode step, the ``k`` channels of largest RMS of ``x·s``.
 
     Every token of the step uses that one mask, so the bytes of weight read per
     step are fixed by ``k`` whatever the batch size, instead of growing with the
     union of per-token masks.  Shape: ``(in,)`` for 2-D ``x``, ``(seq, in)``
-    for ``(batch, seq, in)``; broadcasts against ``x``.
+    for ``(batch, seq, in)``; broadcasts against ``x``.  ``valid``: the tokens
+    that count (see `_step_importance`).
     """
-    return topk_mask(_step_importance(x, scale), k)
+    return topk_mask(_step_importance(x, scale, valid), k)
 
 
 def shared_threshold_mask(
-    x: torch.Tensor, threshold: torch.Tensor | float, scale: Optional[torch.Tensor] = None
+    x: torch.Tensor, threshold: torch.Tensor | float, scale: Optional[torch.Tensor] = None,
+    valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Batch-shared threshold: per decode step, channels whose RMS of ``x·s`` exceeds ``t``."""
-    return threshold_mask(_step_importance(x, scale), threshold)
+    return threshold_mask(_step_importance(x, scale, valid), threshold)
 
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

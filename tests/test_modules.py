@@ -197,3 +197,47 @@ def test_assign_loaded_parameters_go_back_with_to_linear(linear, cls, kw):
     assert back.weight is m.weight and back.bias is m.bias
     x = torch.randn(4, 37)
     torch.testing.assert_close(back(x), other(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["topk", "rsparse", "gate"])
+def test_a_patched_model_pickles(method):
+    import io
+
+    import sparse_infer as si
+    from sparse_infer.models import tiny_model
+
+    model = si.sparsify(tiny_model("llama"), si.SparsityConfig(method=method, sparsity=0.3), progress=False)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    copy = torch.load(buf, weights_only=False)
+    ids = torch.randint(1, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(copy(ids).logits, model(ids).logits)
+    si.unsparsify(copy)
+    assert not si.sparse_modules(copy)
+
+
+def test_assign_loading_releases_the_replaced_parameters():
+    import gc
+    import weakref
+
+    import sparse_infer as si
+    from sparse_infer.models import tiny_model
+
+    model = si.sparsify(tiny_model("llama"), si.SparsityConfig(sparsity=0.5, targets="all"), progress=False)
+    old = [weakref.ref(p) for p in model.parameters()]
+    model.load_state_dict({k: v.clone() for k, v in tiny_model("llama", seed=3).state_dict().items()}, assign=True)
+    gc.collect()
+    assert sum(r() is not None for r in old) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_thresholds_and_scales_stay_float32_through_dtype_casts(linear, dtype):
+    m = SparseLinear.from_linear(linear, threshold=torch.rand(37) * 0.67 + 0.001, importance=True)
+    t, s = m.threshold.clone(), m.scale.clone()
+    m.to(dtype)
+    assert m.weight.dtype == dtype
+    assert m.threshold.dtype == m.scale.dtype == torch.float32 and torch.equal(m.threshold, t) and torch.equal(m.scale, s)
+    m.to("meta")
+    assert m.threshold.is_meta and m.scale.is_meta and m.threshold.dtype == torch.float32

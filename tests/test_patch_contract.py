@@ -407,3 +407,62 @@ def test_measured_sparsity_counts_only_modules_that_recorded():
     dense = sum(m.in_features * m.out_features for m in recorded.values())
     assert si.model_sparsity(model, measured=True) == pytest.approx(1 - read / dense, abs=1e-9)
     assert si.model_sparsity(model, measured=True) == pytest.approx(0.2, abs=0.02)
+
+
+# --------------------------------------------------------------------------- padding, the KV cache, stats
+def _left_padded(seed=0, batch=2, length=12, pad=6):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (batch, length), generator=g)
+    am = torch.ones_like(ids)
+    am[0, :pad] = 0
+    return ids, am, g
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("method", ["topk", "rsparse", "gate"])
+def test_shared_masks_do_not_see_what_padding_holds(method):
+    """mode='shared' ranks channels by the RMS over the batch: left padding (attention_mask 0) must not
+    steer the masks the real tokens get, so the other sequence's logits cannot depend on the pad ids."""
+    model = tiny_model("llama")
+    si.sparsify(model, SparsityConfig(method=method, sparsity=0.5 if method != "gate" else 0.4, mode="shared",
+                                      targets="all" if method != "gate" else "mlp"), progress=False)
+    ids, am, g = _left_padded()
+    other = ids.clone()
+    other[0, :6] = torch.randint(1, 128, (6,), generator=g)
+    a, b = model(ids, attention_mask=am).logits, model(other, attention_mask=am).logits
+    assert torch.equal(a[1], b[1]) and torch.equal(a[0, 6:], b[0, 6:])
+    out = [model.generate(input_ids=x, attention_mask=am, max_new_tokens=6, do_sample=False, pad_token_id=0) for x in (ids, other)]
+    assert torch.equal(out[0][:, 12:], out[1][:, 12:])
+    si.unsparsify(model)
+    assert not model.model._forward_pre_hooks and not model.model._forward_hooks  # unsparsify takes the hooks away
+
+
+@torch.no_grad()
+def test_recorded_sparsity_counts_real_tokens_only():
+    model = tiny_model("llama")
+    si.sparsify(model, SparsityConfig(method="topk", sparsity=0.5, targets="all"), progress=False)
+    ids, am, _ = _left_padded(length=16, pad=8)
+    with pytest.raises(ValueError, match=r"no sparse module has recorded a token.*record_stats\(model\)"):
+        si.model_sparsity(model, measured=True)
+    si.record_stats(model)
+    model(ids, attention_mask=am)
+    assert all(m.stats_tokens == 24 for m in si.sparse_modules(model).values())  # 8 + 16 real tokens
+    assert si.model_sparsity(model, measured=True) == pytest.approx(si.model_sparsity(model), abs=0.02)
+    si.record_stats(model, False)
+    model(ids)
+    assert all(m.stats_tokens == 24 and not m.record_stats for m in si.sparse_modules(model).values())
+
+
+def test_dense_prefill_above_warns_when_generate_runs_without_the_cache():
+    """Without the KV cache every step is a call over the whole sequence: dense_prefill_above runs all of
+    them dense, which the user is told once; with the cache the decode steps run sparse, silently."""
+    model = tiny_model("llama")
+    si.sparsify(model, SparsityConfig(sparsity=0.5, dense_prefill_above=1), progress=False)
+    ids = _ids(length=8)
+    with pytest.warns(UserWarning, match=r"dense_prefill_above=1 ran a call of 8 positions dense with use_cache=False"):
+        model.generate(ids, max_new_tokens=3, do_sample=False, use_cache=False, pad_token_id=0)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -126,6 +126,29 @@ def test_shared_masks_one_row_per_decode_step():
     assert m.tolist() == [[False, True, False], [False, True, False]]
 
 
+def test_shared_masks_leave_tokens_marked_invalid_out():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 40, generator=g)  # batch 3, 5 positions
+    s = torch.rand(40, generator=g) + 0.5
+    every = torch.ones(3, 5, dtype=torch.bool)
+    assert torch.equal(ref._step_importance(x, s, every), ref._step_importance(x, s))  # bit for bit
+    valid = every.clone()
+    valid[0, :3] = False  # left padding of sequence 0
+    valid[:, 4] = False  # a position no sequence reaches: scores 0, not NaN
+    got = ref._step_importance(x, s, valid)
+    for p in range(4):
+        rows = x[valid[:, p], p]
+        assert torch.allclose(got[p], ref._step_importance(rows, s), rtol=1e-6, atol=0), p
+    assert torch.equal(got[4], torch.zeros(40))
+    # what the padding holds no longer matters
+    noisy = x.clone()
+    noisy[~valid] = 1e4 * torch.randn(int((~valid).sum()), 40, generator=g)
+    assert torch.equal(ref.shared_topk_mask(noisy, 7, s, valid), ref.shared_topk_mask(x, 7, s, valid))
+    assert torch.equal(ref.shared_threshold_mask(noisy, 0.8, s, valid), ref.shared_threshold_mask(x, 0.8, s, valid))
+    with pytest.raises(ValueError, match=r"valid has shape \(3, 4\), expected x's token dims \(3, 5\)"):
+        ref._step_importance(x, s, valid[:, :4])
+
+
 def test_accounting():
     assert ref.linear_read_elements(4096, 14336, 2048, 0) == 2048 * 14336
     assert ref.linear_read_elements(10, 20, 5, 2) == 5 * 20 + 2 * 30

@@ -495,6 +495,34 @@ def refine_thresholds(model: nn.Module, stats: CalibrationStats, cal: Calibratio
 
 
 @torch.no_grad()
+def _apply_overrides(curves, alloc: dict, config: SparsityConfig) -> dict:
+    """The allocation with ``config.overrides`` applied last, as `sparsify` applies them: an overridden
+    layer gets its thresholds (and, for rsparse, its rank split) fitted at the overridden sparsity."""
+    if not config.overrides:
+        return alloc
+    import fnmatch
+
+    sparsity, rank = list(alloc["sparsity"]), list(alloc["rank"])
+    for i, c in enumerate(curves):
+        for pattern, spec in config.overrides.items():
+            if not fnmatch.fnmatchcase(c.name, pattern):
+                continue
+            if "sparsity" in spec:
+                sparsity[i] = float(spec["sparsity"])
+                if c.kind == "mlp" and 1.5 * sparsity[i] > 1.0:
+                    raise ValueError(f"{c.name}: method 'gate' cannot reach sparsity {sparsity[i]} (at most 2/3 over the MLP)")
+                if config.method == "rsparse" and c.kind != "mlp":
+                    rank[i] = c.rank_at(sparsity[i])
+            if "rank" in spec and config.method == "rsparse":
+                rank[i] = int(spec["rank"])
+        if config.method == "rsparse" and c.kind != "mlp":
+            budget = (1.0 - sparsity[i]) * c.in_features * c.out_features
+            if rank[i] * (c.in_features + c.out_features) > budget or rank[i] > min(c.in_features, c.out_features):
+                raise ValueError(f"{c.name}: rank={rank[i]} alone reads more than the budget at sparsity {sparsity[i]} "
+                                 "(or exceeds the layer); lower the override's rank")
+    return {**alloc, "sparsity": sparsity, "rank": rank, "label": f"{alloc.get('label')} + overrides"}
+
+
 def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool = True, tokenizer=None,
               num_samples: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN, reservoir: int = 512,
               kl_samples: int = 2, kl_tokens: int = 256, iterations: Optional[int] = None,
@@ -530,6 +558,9 @@ def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool 
     """
     from . import allocate
 
+    if not isinstance(config, SparsityConfig):
+        raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    config.validate()
     if quick:
         reservoir = min(reservoir, 128)
         kl_tokens = min(kl_tokens, 64)
@@ -567,9 +598,11 @@ def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool 
     else:
         alloc, search_info = allocate.search(model, stats, curves, config, iterations=iterations,
                                              time_budget_s=time_budget_s, progress=progress)
+    alloc = _apply_overrides(curves, alloc, config)
     cal = allocate.to_calibration(model, stats, curves, alloc, config)
     gaps = refine_thresholds(model, stats, cal, config, rounds=refine_rounds, progress=progress) if refine_rounds else []
     cal.meta.update({
+        "config": config.to_dict(),  # what `sparsify` checks a config against before using these settings
         "method": config.method, "allocation": config.allocation, "budget_sparsity": config.sparsity,
         "seed": config.seed, "gating": curves[0].gating if curves else None, "calibration": stats.meta, "search": search_info, "refine_gaps": gaps,
         "seconds": {"statistics": round(t_stats, 2), "total": round(time.time() - t0, 2)},

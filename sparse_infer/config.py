@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
@@ -19,8 +20,17 @@ CONFIG_VERSION = 1
 GATE_MAX_SPARSITY = 2.0 / 3.0
 
 
+def _is_real(value: Any) -> bool:
+    """A real number, numpy scalars included (np.float32 is no Python float); bools are not numbers here."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_sparsity(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not _is_real(value):
         raise TypeError(f"{where}: sparsity must be a number in [0, 1), got {value!r}")
     if not 0.0 <= float(value) < 1.0:
         raise ValueError(
@@ -108,22 +118,24 @@ class SparsityConfig:
                 f"method 'gate' reads all of gate_proj, so it reaches at most {GATE_MAX_SPARSITY:.1%} "
                 f"sparsity over the MLP; got {self.sparsity}. Use a lower sparsity or method 'rsparse'/'topk'"
             )
-        if self.dense_prefill_above is not None and (
-            isinstance(self.dense_prefill_above, bool)
-            or not isinstance(self.dense_prefill_above, int)
-            or self.dense_prefill_above < 1
-        ):
-            raise ValueError(f"dense_prefill_above must be None or a positive token count, got {self.dense_prefill_above!r}")
-        if isinstance(self.rank_fraction, bool) or not isinstance(self.rank_fraction, (int, float)) or not 0.0 <= self.rank_fraction < 1.0:
+        if self.dense_prefill_above is not None:
+            if not _is_int(self.dense_prefill_above) or self.dense_prefill_above < 1:
+                raise ValueError(f"dense_prefill_above must be None or a positive token count, got {self.dense_prefill_above!r}")
+            self.dense_prefill_above = int(self.dense_prefill_above)
+        if not _is_real(self.rank_fraction):
+            raise TypeError(f"rank_fraction must be a number in [0, 1), got {self.rank_fraction!r}")
+        if not 0.0 <= float(self.rank_fraction) < 1.0:
             raise ValueError(f"rank_fraction must be a number in [0, 1), got {self.rank_fraction!r}")
+        self.rank_fraction = float(self.rank_fraction)
         for name, allowed in (("importance", (bool, type(None))), ("per_channel", (bool,))):
             value = getattr(self, name)
             if not isinstance(value, allowed):  # a string such as "false" would otherwise read as True
                 raise TypeError(f"{name} must be {' or '.join(t.__name__ for t in allowed)}, got {value!r}")
         for name in ("seed", "version"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not _is_int(value):
                 raise TypeError(f"{name} must be an int, got {value!r}")
+            setattr(self, name, int(value))  # numpy integers too; stored as int so the config stays JSON
         if not isinstance(self.overrides, dict):
             raise TypeError(f"overrides must be a dict {{pattern: {{'sparsity': ..., 'rank': ...}}}}, got {type(self.overrides).__name__}")
         for pattern, spec in self.overrides.items():
@@ -138,10 +150,19 @@ class SparsityConfig:
                 _check_sparsity(spec["sparsity"], f"overrides[{pattern!r}]")
             if "rank" in spec and self.method != "rsparse":
                 raise ValueError(f"overrides[{pattern!r}]: 'rank' applies to method 'rsparse' only, not {self.method!r}")
-            if "rank" in spec and (isinstance(spec["rank"], bool) or not isinstance(spec["rank"], int) or spec["rank"] < 0):
+            if "rank" in spec and (not _is_int(spec["rank"]) or spec["rank"] < 0):
                 raise ValueError(f"overrides[{pattern!r}]: rank must be a non-negative int, got {spec['rank']!r}")
+        # plain floats and ints (numpy scalars included), in a dict of our own: the config stays JSON
+        self.overrides = {pattern: {k: int(v) if k == "rank" else float(v) for k, v in spec.items()}
+                          for pattern, spec in self.overrides.items()}
         if self.version != CONFIG_VERSION:
             raise ValueError(f"config version {self.version} is not supported (this sparse-infer reads version {CONFIG_VERSION})")
+
+    def validate(self) -> "SparsityConfig":
+        """Check every field again (a config is a plain dataclass: fields set after construction are
+        checked here; `sparsify` and `calibrate` call it) and return the config."""
+        self.__post_init__()
+        return self
 
     @property
     def use_importance(self) -> bool:
@@ -163,6 +184,8 @@ class SparsityConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SparsityConfig":
+        if not isinstance(d, dict):
+            raise TypeError(f"SparsityConfig.from_dict expects a dict of fields, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:

@@ -51,6 +51,33 @@ def _fingerprint(weight: torch.Tensor) -> float:
     return float(weight.detach().double().abs().mean())
 
 
+PROBE_VALUES = 64
+MIN_PROBE_CORRELATION = 0.9
+
+
+def _probe(weight: torch.Tensor) -> list:
+    """64 evenly spaced values of a weight (row-major order whatever its layout), as floats."""
+    flat = weight.detach().reshape(-1)
+    if not flat.numel():
+        return []
+    idx = torch.linspace(0, flat.numel() - 1, PROBE_VALUES).round().long().to(flat.device)
+    return [float(v) for v in flat[idx].double().cpu()]
+
+
+def _probe_correlation(a: list, b: list) -> float | None:
+    """Pearson correlation of two probes; None where it says nothing (other lengths, constant values).
+
+    Why a correlation: a cast (bf16) or a quantize / de-quantize round trip (GGUF) of the same
+    checkpoint keeps it near 1, while two checkpoints of one architecture (another seed, another
+    model of the same shapes) land near 0 - mean |w| alone cannot tell those apart at real sizes."""
+    if len(a) != len(b) or len(a) < 2:
+        return None
+    x, y = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    x, y = x - x.mean(), y - y.mean()
+    den = float(x.norm() * y.norm())
+    return float((x * y).sum()) / den if den > 0 else None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -98,10 +125,11 @@ def _target_shapes(model: nn.Module, config: SparsityConfig) -> Dict[str, dict]:
     for name, _p, _a, module, kind in _targets(model, family, config):
         if isinstance(module, SparseGatedMLP) or kind == "mlp":
             g = getattr(module, family.mlp_linears[0])
-            out[name] = {"kind": "mlp", "in": g.in_features, "out": g.out_features, "fingerprint": _fingerprint(g.weight)}
+            out[name] = {"kind": "mlp", "in": g.in_features, "out": g.out_features, "fingerprint": _fingerprint(g.weight),
+                         "probe": _probe(g.weight)}
         else:
             out[name] = {"kind": "linear", "in": module.in_features, "out": module.out_features,
-                         "fingerprint": _fingerprint(module.weight)}
+                         "fingerprint": _fingerprint(module.weight), "probe": _probe(module.weight)}
     return out
 
 
@@ -200,6 +228,12 @@ def _read(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
     for key in ("model", "config", "layers", "tensors"):
         if not isinstance(doc.get(key), dict):
             raise ValueError(f"{json_path} is corrupted: its {key!r} entry is missing; save the sparsity file again")
+    for name, info in doc["layers"].items():
+        if not isinstance(info, dict):
+            raise ValueError(f"{json_path} is corrupted: the entry of layer {name!r} is {info!r}, not a dict; save again")
+        sp = info.get("sparsity")
+        if sp is not None and (isinstance(sp, bool) or not isinstance(sp, (int, float))):
+            raise ValueError(f"{json_path} is corrupted: the sparsity of layer {name!r} is {sp!r}, not a number; save again")
     if _sha256(tensor_path) != doc["tensors"].get("sha256"):
         raise ValueError(f"{tensor_path} does not match {json_path.name} (SHA-256 differs): the file is corrupted or from another save; save again")
     try:
@@ -236,11 +270,22 @@ def _check_model(model: nn.Module, doc: dict, config: SparsityConfig, where) -> 
     for name, h in have.items():
         w = want[name]
         fp = w.get("fingerprint")
+        if fp is not None and (not isinstance(fp, (int, float)) or isinstance(fp, bool)):
+            raise ValueError(f"{where} is corrupted: the fingerprint of {name} is {fp!r}, not a number; save again")
         if fp is not None and not math.isclose(fp, h["fingerprint"], rel_tol=1e-2, abs_tol=1e-8):
             raise ValueError(
                 f"{where}: the weights of {name} differ from those the file was made for (mean |w| "
                 f"{h['fingerprint']:.6g} vs {fp:.6g}): it belongs to another checkpoint; calibrate this model"
             )
+        probe = w.get("probe")  # files written before the probe existed have none
+        if isinstance(probe, list) and all(isinstance(v, (int, float)) for v in probe):
+            corr = _probe_correlation(probe, h["probe"])
+            if corr is not None and corr < MIN_PROBE_CORRELATION:
+                raise ValueError(
+                    f"{where}: the weights of {name} differ from those the file was made for (64 sampled values "
+                    f"correlate at {corr:.2f}, same checkpoint >= {MIN_PROBE_CORRELATION}): it belongs to another "
+                    "checkpoint; calibrate this model"
+                )
 
 
 def _layers_from(doc: dict, tensors: Dict[str, torch.Tensor], where) -> Dict[str, dict]:
@@ -267,7 +312,10 @@ def load_calibration(model: nn.Module, path, config: SparsityConfig):
     from .calibrate import Calibration
 
     doc, tensors = _read(path)
-    saved = SparsityConfig.from_dict(doc["config"])
+    try:
+        saved = SparsityConfig.from_dict(doc["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: its config is invalid ({e}); save the sparsity file again") from None
     if (saved.method, saved.targets) != (config.method, config.targets):
         raise ValueError(
             f"{path} holds method={saved.method!r}, targets={saved.targets!r}; the config asks for "
@@ -276,17 +324,21 @@ def load_calibration(model: nn.Module, path, config: SparsityConfig):
     _check_model(model, doc, saved, path)
     meta = dict(doc.get("calibration") or {})
     meta.update({"loaded_from": str(path), "achieved_sparsity": doc.get("achieved_sparsity"),
-                 "budget_sparsity": doc.get("budget_sparsity"), "allocation": doc.get("allocation")})
+                 "budget_sparsity": doc.get("budget_sparsity"), "allocation": doc.get("allocation"),
+                 "config": saved.to_dict()})
     return Calibration(layers=_layers_from(doc, tensors, path), meta=meta)
 
 
-def load_sparsity(model: nn.Module, path) -> nn.Module:
+def load_sparsity(model: nn.Module, path, *, backend: str | None = None) -> nn.Module:
     """Patch a dense ``model`` with the settings saved at ``path`` (or check that a patched one matches them).
 
+    ``backend``: run with this backend instead of the file's (a file saved from a GPU run with
+    ``backend="triton"`` loads on the CPU with ``backend="auto"``).
     Returns the model.  Raises ValueError, leaving the model untouched, when the
     file is for another model (class, layer names, shapes, weights), corrupted,
     or of an unknown version.
     """
+    from . import ops
     from .calibrate import Calibration
     from .modules import RSparseLinear
     from .patch import CONFIG_KEY, sparse_modules, sparsify
@@ -294,8 +346,17 @@ def load_sparsity(model: nn.Module, path) -> nn.Module:
     doc, tensors = _read(path)
     try:
         config = SparsityConfig.from_dict(doc["config"])
+        if backend is not None:
+            config = config.replace(backend=backend)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path}: its config is invalid ({e}); save the sparsity file again") from None
+    weight = next(model.parameters(), None)
+    if backend is None and config.backend == "triton" and weight is not None and not ops.triton_available(weight):
+        raise ValueError(
+            f"{path} was saved with backend='triton', which needs the model on a CUDA device (its weights are on "
+            f"{weight.device}): move the model with model.to('cuda') first, or load with "
+            "sparse_infer.load_sparsity(model, path, backend='auto')"
+        )
     _check_model(model, doc, config, path)
     layers = _layers_from(doc, tensors, path)
     mods = sparse_modules(model)
@@ -309,6 +370,16 @@ def load_sparsity(model: nn.Module, path) -> nn.Module:
     # already patched: check that it is patched this way
     if set(mods) != set(layers):
         raise ValueError(f"this model is sparsified on other layers than {path} describes; unsparsify it first")
+    entry = getattr(model.config, CONFIG_KEY, None) if getattr(model, "config", None) is not None else None
+    if isinstance(entry, dict) and isinstance(entry.get("config"), dict):
+        have = {k: v for k, v in entry["config"].items() if k != "backend"}  # the backend is where it runs, not how
+        want = {k: v for k, v in config.to_dict().items() if k != "backend"}
+        diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if diff:
+            raise ValueError(
+                f"this model is patched with other settings than {path} ({', '.join(f'{k}: {have.get(k)!r} here, {want.get(k)!r} in the file' for k in diff)}); "
+                "unsparsify the model and load again"
+            )
     for name, m in mods.items():
         info, entry = doc["layers"][name], layers[name]
         if (type(m).__name__ != info.get("class") or m.k != info.get("k") or int(getattr(m, "rank", 0) or 0) != int(info.get("rank") or 0)

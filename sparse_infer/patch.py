@@ -295,6 +295,15 @@ def plan_layers(model: nn.Module, config: SparsityConfig, calibration=None, fami
         if not 0.0 <= s < 1.0:
             raise ValueError(f"{name}: sparsity must lie in [0, 1), got {s}")
         calib = cal_layers.get(name, {})
+        made = calib.get("sparsity")
+        if (calib.get("threshold") is not None and config.mode != "shared" and made is not None
+                and not math.isclose(float(made), s, abs_tol=1e-9)):
+            # the threshold keeps the calibrated fraction of channels, whatever sparsity the plan says
+            raise ValueError(
+                f"{name}: overrides set sparsity {s}, but its calibrated threshold was fitted for sparsity "
+                f"{float(made):.4g}: calibrate with these overrides in the config (calibrate applies them) "
+                "or drop the override"
+            )
         if kind == "mlp":
             g = getattr(module, family.mlp_linears[0])
             width = g.out_features
@@ -373,6 +382,11 @@ def _build(plan: LayerPlan, module: nn.Module, config: SparsityConfig, family: F
     return new
 
 
+# what a calibration's per-layer settings depend on: a config that differs in one of these would be
+# served settings made for another config (and record the wrong one in model.config)
+CALIBRATED_FIELDS = ("targets", "allocation", "per_channel", "importance", "lowrank", "overrides")
+
+
 def _check_budget(calibration, config: SparsityConfig, where: str):
     """Per-layer settings calibrated for one method and budget would silently replace the config's."""
     meta = getattr(calibration, "meta", None) or {}
@@ -383,6 +397,22 @@ def _check_budget(calibration, config: SparsityConfig, where: str):
     if budget is not None and not math.isclose(float(budget), config.sparsity, abs_tol=1e-9):
         raise ValueError(f"{where} was calibrated for sparsity {budget}, the config asks for {config.sparsity}: "
                          f"use SparsityConfig(sparsity={budget}, ...) or calibrate again at {config.sparsity}")
+    made = meta.get("config")  # the whole config the calibration was made with (absent in older files)
+    if isinstance(made, dict):
+        try:
+            made = SparsityConfig.from_dict(made)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: the config it was calibrated with is invalid ({e}); calibrate again") from None
+        # importance=None means "the method's default": compare what it resolves to
+        have = {f: (config.use_importance if f == "importance" else getattr(config, f)) for f in CALIBRATED_FIELDS}
+        want = {f: (made.use_importance if f == "importance" else getattr(made, f)) for f in CALIBRATED_FIELDS}
+        diff = [f for f in CALIBRATED_FIELDS if have[f] != want[f]]
+        if diff:
+            raise ValueError(
+                f"{where} was calibrated with {', '.join(f'{f}={want[f]!r}' for f in diff)}; the config asks for "
+                f"{', '.join(f'{f}={have[f]!r}' for f in diff)}: use config.replace("
+                f"{', '.join(f'{f}={want[f]!r}' for f in diff)}) or calibrate again with this config"
+            )
     return calibration
 
 
@@ -472,6 +502,7 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, calibrat
     config = config or SparsityConfig()
     if not isinstance(config, SparsityConfig):
         raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
+    config.validate()  # fields set after construction (config.method = "TopK") are checked too
     if any(isinstance(m, (SparseLinear, SparseGatedMLP)) for m in model.modules()):
         raise ValueError("this model is already sparsified; call sparse_infer.unsparsify(model) first")
     family = find_family(model, config.targets)

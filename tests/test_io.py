@@ -120,7 +120,7 @@ def test_config_mismatch_and_patched_mismatch(model, saved):
     cfg, _logits, path, _hints = saved["rsparse-uniform-shared"]
     with dense_after(model):
         si.sparsify(model, cfg.replace(mode="per_token"), calibration=path, progress=False)
-        with pytest.raises(ValueError, match="patched differently .*mode"):
+        with pytest.raises(ValueError, match=r"patched with other settings .*mode: 'per_token' here, 'shared' in the file"):
             si.load_sparsity(model, path)
 
 

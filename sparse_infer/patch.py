@@ -483,6 +483,11 @@ def _resolve_calibration(model, config: SparsityConfig, calibration, progress: b
         return _check_budget(load_calibration(model, calibration, config), config, str(calibration))
     if hasattr(calibration, "layers"):
         return _check_budget(calibration, config, "the calibration")
+    if not hasattr(calibration, "__iter__"):
+        raise TypeError(
+            f"calibration must be None, the path of a file saved by save_sparsity, a Calibration, or an iterable "
+            f"of token-id tensors; got {type(calibration).__name__}"
+        )
     from .calibrate import calibrate
 
     return calibrate(model, calibration, config, progress=progress)

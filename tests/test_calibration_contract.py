@@ -132,3 +132,10 @@ def test_numpy_scalars_are_numbers_and_from_dict_wants_a_dict():
     for bad in ("abc", [("method", "topk")], None):
         with pytest.raises(TypeError, match=r"from_dict expects a dict of fields, got"):
             SparsityConfig.from_dict(bad)
+
+
+def test_calibration_of_the_wrong_type_is_named():
+    model = tiny_model("llama")
+    with pytest.raises(TypeError, match=r"calibration must be None, the path of a file .* got int"):
+        si.sparsify(model, SparsityConfig(method="threshold"), calibration=5, progress=False)
+    assert not si.sparse_modules(model)

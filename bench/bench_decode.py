@@ -719,12 +719,12 @@ def _union_tap(m, densities: list):
     (per-token masks: over the step's tokens; a shared mask: its one row; a dense call: 1.0)."""
     record = m._record
 
-    def tap(mask, tokens, dense=False):
+    def tap(mask, tokens, dense=False, valid=None):
         if dense or mask is None:
             densities.append(1.0)
-        else:
+        else:  # decode steps: one position per sequence, so no padding to leave out (valid is None)
             densities.append(float(mask.reshape(-1, m.width).any(0).float().mean()))
-        return record(mask, tokens, dense)
+        return record(mask, tokens, dense, valid)
 
     return tap
 

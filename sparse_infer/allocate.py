@@ -483,6 +483,10 @@ def search(model: nn.Module, stats, curves: List[Curve], config: SparsityConfig,
     ``config.seed`` when ``iterations`` (default 16 candidates), not
     ``time_budget_s`` (default 300 s, the sensitivity pass included), ends it.
     """
+    from .config import _is_int
+
+    if iterations is not None and not (_is_int(iterations) and iterations >= 1):  # 0 would quietly give uniform
+        raise ValueError(f"search iterations must be a positive integer, got {iterations!r}")
     iterations = 16 if iterations is None else int(iterations)
     time_budget_s = 300.0 if time_budget_s is None else float(time_budget_s)
     t0 = time.time()

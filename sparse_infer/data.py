@@ -44,15 +44,27 @@ def candidate_paths(path: Optional[str] = None) -> List[Path]:
 
 def load_text(path: Optional[str] = None) -> Text:
     """The evaluation corpus (read with ``newline=""``: its CRLF endings are part of the tokens)."""
+    if path is not None and not str(path).strip():  # an empty path must not fall back to the default text
+        raise ValueError("the text file path is empty: give a text file with --text-file PATH (Python: text_file=...), "
+                         "or leave the option out for the default text")
     tried = candidate_paths(path)
+    env = os.environ.get(ENV_VAR)
     for p in tried:
+        from_env = not path and bool(env) and p == Path(env)
+        given = f"{ENV_VAR}={p}" if from_env else f"text file {p}"
         if p.is_file():
-            with open(p, encoding="utf-8", newline="") as f:
-                text = f.read()
+            try:
+                with open(p, encoding="utf-8", newline="") as f:
+                    text = f.read()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{given} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}): "
+                                 "the text must be UTF-8; convert it (iconv -t UTF-8) or give another file") from None
             return Text(text, str(p.resolve()), hashlib.sha256(text.encode("utf-8")).hexdigest())
+        if (path or from_env) and p.is_dir():
+            raise IsADirectoryError(f"{given} is a folder, not a file: give the path of a text file")
         if path:
             raise FileNotFoundError(f"text file {p} does not exist")
-        if os.environ.get(ENV_VAR) and p == Path(os.environ[ENV_VAR]):  # a typo must not fall back silently
+        if from_env:  # a typo must not fall back silently
             raise FileNotFoundError(f"{ENV_VAR}={p} does not exist: fix the variable or unset it")
     try:
         import datasets  # noqa: F401
@@ -83,13 +95,29 @@ def split_tokens(ids: torch.Tensor, calib_fraction: float = CALIB_FRACTION):
     return ids[:cut], ids[cut:], cut
 
 
-def windows(ids: torch.Tensor, window: int, count: Optional[int] = None) -> List[torch.Tensor]:
-    """Non-overlapping windows of ``window`` tokens from the start of ``ids`` (at most ``count``)."""
+class TooShort(ValueError):
+    """Raised by `windows`: ``tokens`` are too few for one window of ``window``; `message` words it for a caller."""
+
+    def __init__(self, tokens: int, window: int, part: str = "the text", flag: str = "--window"):
+        self.tokens, self.window = tokens, window
+        super().__init__(self.message(part, flag))
+
+    def message(self, part: str = "the text", flag: str = "--window") -> str:
+        return (f"{part} has {self.tokens} tokens, too short for one window of {self.window}; use a longer text "
+                f"or a smaller {flag}")
+
+
+def windows(ids: torch.Tensor, window: int, count: Optional[int] = None, *, part: str = "the text",
+            flag: str = "--window") -> List[torch.Tensor]:
+    """Non-overlapping windows of ``window`` tokens from the start of ``ids`` (at most ``count``).
+
+    ``part`` (what ``ids`` are) and ``flag`` (the option that sets ``window``) word the error
+    (`TooShort`) when ``ids`` hold less than one window."""
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
     n = len(ids) // window
     if n == 0:
-        raise ValueError(f"the text has {len(ids)} tokens, too short for one window of {window}; use a longer text or a smaller --window")
+        raise TooShort(len(ids), window, part, flag)
     if count is not None:
         n = min(n, count)
     return [ids[i * window:(i + 1) * window] for i in range(n)]

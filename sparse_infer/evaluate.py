@@ -31,6 +31,7 @@ different windows as one batch, position by position the tokens decoded together
 from __future__ import annotations
 
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from . import data as textdata
-from .config import GATE_MAX_SPARSITY, METHODS, SparsityConfig, _check_sparsity
+from .config import GATE_MAX_SPARSITY, METHODS, SparsityConfig, _check_sparsity, _is_int
 from .modules import SparseGatedMLP
 from .patch import check_gated_mlp, decoder_layers, find_family, record_stats, sparse_modules, sparsify, unsparsify
 
@@ -62,6 +63,10 @@ ROW_FIELDS = [
     "model", "model_type", "text_source", "text_sha256", "window", "n_windows", "calib_windows",
     "seed", "device", "dtype", "backend", "targets", "version", "torch", "transformers", "platform",
 ]
+
+
+# Files of a saved tokenizer, one of which a model folder needs (`_load`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 class EvalError(ValueError):
@@ -88,6 +93,8 @@ class EvalSettings:
     backend: str = "reference"
 
     def __post_init__(self):
+        for name in ("methods", "sparsities", "protocols", "modes", "batch_sizes"):
+            _as_list(getattr(self, name), name)  # a bare number is a TypeError naming the field
         self.methods = tuple(_as_list(self.methods))
         unknown = [m for m in self.methods if m not in DEFAULT_METHODS]
         if unknown:
@@ -113,18 +120,25 @@ class EvalSettings:
             if bad or not vals:
                 raise EvalError(f"unknown {name} {bad[0] if bad else None!r}; expected some of {', '.join(allowed)}")
             setattr(self, name + "s", vals)
-        try:
+        try:  # integers, or their text from the command line (int() would truncate 1.7 to 1)
+            if not all(isinstance(b, str) or _is_int(b) for b in _as_list(self.batch_sizes)):
+                raise ValueError
             self.batch_sizes = tuple(int(b) for b in _as_list(self.batch_sizes))
         except ValueError:
             raise EvalError(f"batch sizes must be positive integers, got {self.batch_sizes!r}") from None
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise EvalError(f"batch sizes must be positive integers, got {self.batch_sizes!r}")
-        if not isinstance(self.window, int) or self.window < 4:
+        # bools are ints to Python, not counts
+        if not _is_int(self.window) or self.window < 4:
             raise EvalError(f"window must be an integer of at least 4 tokens, got {self.window!r}")
-        if not isinstance(self.windows, int) or self.windows < 1:
+        if not _is_int(self.windows) or self.windows < 1:
             raise EvalError(f"the number of evaluation windows must be a positive integer, got {self.windows!r}")
-        if not isinstance(self.calib_windows, int) or self.calib_windows < 1:
+        if not _is_int(self.calib_windows) or self.calib_windows < 1:
             raise EvalError(f"the number of calibration windows must be a positive integer, got {self.calib_windows!r}")
+        if not _is_int(self.seed):
+            raise EvalError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("window", "windows", "calib_windows", "seed"):  # numpy integers too; stored as int (JSON)
+            setattr(self, name, int(getattr(self, name)))
         if "shared" in self.modes:
             bad = [b for b in self.batch_sizes if self.windows % b]
             if bad:
@@ -153,12 +167,16 @@ class EvalSettings:
         return cls(**kw)
 
 
-def _as_list(v) -> list:
+def _as_list(v, name: str = "value") -> list:
     if v is None:
         return []
     if isinstance(v, str):
         return [p.strip() for p in v.split(",") if p.strip()]
-    return list(v)
+    try:
+        return list(v)
+    except TypeError:
+        raise TypeError(f"{name} takes a sequence (a list or tuple, or a comma-separated string), got "
+                        f"{v!r}: write {name}=({v!r},) for one value") from None
 
 
 def _lcm(values) -> int:
@@ -288,7 +306,8 @@ def _forward(model, batch: torch.Tensor, protocol: str):
 def _select_windows(ids: torch.Tensor, window: int, count: int) -> List[torch.Tensor]:
     """``count`` non-overlapping windows spread evenly over ``ids`` (fixed choice: the same every run)."""
     try:
-        allw = textdata.windows(ids, window)
+        allw = textdata.windows(ids, window, part=f"the evaluation part of the text (its first "
+                                                  f"{100 * (1 - textdata.CALIB_FRACTION):.0f} %)")
     except ValueError as e:
         raise EvalError(str(e)) from None
     if count > len(allw):
@@ -298,6 +317,17 @@ def _select_windows(ids: torch.Tensor, window: int, count: int) -> List[torch.Te
         )
     idx = [(i * len(allw)) // count for i in range(count)]
     return [allw[i] for i in idx]
+
+
+def _check_vocab(ids: torch.Tensor, model: nn.Module) -> None:
+    """The token ids must index the model's embedding (the check `calibrate` makes on its data)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab = getattr(emb, "num_embeddings", None)
+    if ids.numel() and vocab is not None and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
+        raise EvalError(
+            f"the tokenizer gives token ids in [{int(ids.min())}, {int(ids.max())}], but the model's vocabulary is "
+            f"[0, {vocab}): the tokenizer is not this model's; use the model's own tokenizer"
+        )
 
 
 def _load(model, tokenizer, dtype, device, progress: bool = True):
@@ -319,20 +349,44 @@ def _load(model, tokenizer, dtype, device, progress: bool = True):
     try:
         lm, tok = load_model(model, dtype=dtype or "float32", device=device, progress=progress)
     except (OSError, ValueError, FileNotFoundError) as e:
+        if model is not None and os.path.isdir(model) and not any(
+                os.path.exists(os.path.join(model, f)) for f in TOKENIZER_FILES):
+            raise EvalError(
+                f"could not load model {name!r}: no tokenizer was found in the folder (none of "
+                f"{', '.join(TOKENIZER_FILES)}): save the model's tokenizer next to it (tokenizer.save_pretrained(folder)), "
+                "or from Python evaluate the model object with tokenizer=..."
+            ) from None
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise EvalError(f"could not load model {name!r}: {msg}") from None
     return lm, tok, name
 
 
 def _resolve_device(device: Optional[str]) -> str:
+    """``device`` as a string, checked: cpu, cuda[:N] where present, or another backend torch reports
+    available (mps, xpu, ...); "meta" (no data) and absent devices are an EvalError."""
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError):
         raise EvalError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise EvalError(f"device {device!r} asked for, but no CUDA device is available (use --device cpu)")
+    if dev.type == "cpu":
+        return str(device)
+    if dev.type == "meta":
+        raise EvalError(f"device {device!r} holds no data (tensors there are shapes only), so nothing can be evaluated "
+                        "on it: use --device cpu or cuda")
+    backend = getattr(torch, dev.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    available = getattr(backend, "is_available", None)
+    if not (callable(available) and available()):
+        if dev.type == "cuda":
+            raise EvalError(f"device {device!r} asked for, but no CUDA device is available (use --device cpu)")
+        raise EvalError(f"device {device!r} asked for, but torch reports no {dev.type} device available on this "
+                        f"machine (use --device cpu{' or cuda' if torch.cuda.is_available() else ''})")
+    count = getattr(backend, "device_count", None)
+    n = count() if callable(count) else None
+    if dev.index is not None and n is not None and dev.index >= n:
+        raise EvalError(f"device {device!r} asked for, but this machine has {n} {dev.type} device{'s' * (n != 1)} "
+                        f"(use {dev.type}:0{f' .. {dev.type}:{n - 1}' if n > 1 else ''})")
     return str(device)
 
 
@@ -411,6 +465,9 @@ def evaluate(
     s = settings
     log = log or (lambda line: None)
     device = _resolve_device(device)
+    if s.backend == "triton" and torch.device(device).type != "cuda":  # before the model loads and the dense pass
+        raise EvalError(f"backend 'triton' needs a CUDA device, and the device is {device}: run on a machine with a GPU "
+                        "(--device cuda), or use --backend reference or auto")
     if dtype is not None:  # before the text and the model load
         from .models import parse_dtype
 
@@ -441,6 +498,7 @@ def evaluate(
             break
 
     ids = textdata.tokenize(text.text, tok)
+    _check_vocab(ids, lm)
     eval_ids, calib_ids, _ = textdata.split_tokens(ids)
     wins = _select_windows(eval_ids, s.window, s.windows)
     needs_calib = any(m in CALIBRATED for m in s.methods)
@@ -474,7 +532,10 @@ def evaluate(
         runs += [("shared", b) for b in s.batch_sizes] if "shared" in s.modes else []
         for sp in s.sparsities:
             jobs.append((method, sp, runs))
-    units = sum(len(runs) * len(wins) * len(s.protocols) for _, _, runs in jobs)
+    def not_applicable(method, sp) -> bool:  # rows out of the method's reach: n/a, nothing runs
+        return method == "gate" and bool(gate_na or sp >= GATE_MAX_SPARSITY)
+
+    units = sum(len(runs) * len(wins) * len(s.protocols) for method, sp, runs in jobs if not not_applicable(method, sp))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=units, desc="evaluating", disable=not progress, unit="window")
@@ -494,7 +555,7 @@ def evaluate(
 
     try:
         for method, sp, runs in jobs:
-            if method == "gate" and (gate_na or sp >= GATE_MAX_SPARSITY):
+            if not_applicable(method, sp):
                 for mode, b in runs:
                     for protocol in s.protocols:
                         row(method, sp, mode, b, protocol, status=gate_na or f"n/a: gate reaches at most {GATE_MAX_SPARSITY:.1%}")

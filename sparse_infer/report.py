@@ -178,7 +178,9 @@ def prepare_out_dir(out_dir) -> Path:
 
 
 def write_results(rows: Sequence[dict], out_dir="results", meta: Optional[dict] = None, plot: bool = True) -> Dict[str, str]:
-    """CSV, JSON, markdown and (``plot``) PNG of ``rows`` under ``out_dir``; returns their paths."""
+    """CSV, JSON, markdown and (``plot``) PNG of ``rows`` under ``out_dir``; returns their paths.
+
+    Without ``plot``, a PNG left there by an earlier run is removed (it would not match the new rows)."""
     out = prepare_out_dir(out_dir)
     paths = {
         "csv": write_csv(rows, out / f"{BASENAME}.csv"),
@@ -187,6 +189,9 @@ def write_results(rows: Sequence[dict], out_dir="results", meta: Optional[dict] 
     md = out / f"{BASENAME}.md"
     md.write_text(markdown_table(rows) + "\n\n" + caption(rows) + "\n", encoding="utf-8")
     paths["markdown"] = str(md)
+    png = out / f"{BASENAME}_ppl.png"
     if plot:
-        paths["plot"] = plot_ppl(rows, out / f"{BASENAME}_ppl.png")
+        paths["plot"] = plot_ppl(rows, png)
+    elif png.is_file():  # an earlier run's plot would read as this run's
+        png.unlink()
     return paths

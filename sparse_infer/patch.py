@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import inspect
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
@@ -510,6 +511,14 @@ def sparsify(model: nn.Module, config: Optional[SparsityConfig] = None, calibrat
     config.validate()  # fields set after construction (config.method = "TopK") are checked too
     if any(isinstance(m, (SparseLinear, SparseGatedMLP)) for m in model.modules()):
         raise ValueError("this model is already sparsified; call sparse_infer.unsparsify(model) first")
+    if hasattr(getattr(model, "config", None), CONFIG_KEY):
+        warnings.warn(
+            f"model.config.{CONFIG_KEY} describes a sparsified model, but this one has no sparse modules: a checkpoint "
+            "written by save_pretrained after sparsify holds the dense weights and this entry, not the sparse modules. "
+            "The entry is replaced now; to keep sparse settings with a checkpoint, write them with "
+            "sparse_infer.save_sparsity(model, path) and apply them with sparse_infer.load_sparsity(model, path)",
+            stacklevel=2,
+        )
     family = find_family(model, config.targets)
     _check_backend(model, config)
     calibration = _resolve_calibration(model, config, calibration, progress)

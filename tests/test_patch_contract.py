@@ -466,3 +466,16 @@ def test_dense_prefill_above_warns_when_generate_runs_without_the_cache():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_a_checkpoint_saved_after_sparsify_reloads_dense_and_says_so(tmp_path):
+    """save_pretrained keeps the dense weights and the config entry: sparsify on the reloaded model warns
+    that the entry described modules the checkpoint does not hold, and points at save_sparsity."""
+    transformers = pytest.importorskip("transformers")
+    model = si.sparsify(tiny_model("llama"), SparsityConfig(sparsity=0.5), progress=False)
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert not si.sparse_modules(reloaded) and hasattr(reloaded.config, "sparse_infer")
+    with pytest.warns(UserWarning, match=r"no sparse modules: a checkpoint written by save_pretrained.*save_sparsity"):
+        si.sparsify(reloaded, SparsityConfig(sparsity=0.3), progress=False)
+    assert reloaded.config.sparse_infer["config"]["sparsity"] == 0.3

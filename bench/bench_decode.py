@@ -203,6 +203,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if any(s >= GATE_MAX_SPARSITY for s in args.sparsity):
             parser.error(f"--method gate reaches at most {GATE_MAX_SPARSITY:.3f} sparsity over the MLP")
     if args.device is None:
+        if not torch.cuda.is_available() and args.config != "tiny":
+            # a llama3-8b decode on the reference path would take ~16 GB and hours, with nothing said
+            parser.error(f"--config {args.config} is a GPU benchmark and torch sees no CUDA device: use --config tiny "
+                         "on the CPU, or --device cpu to run this config there anyway (slow)")
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch sees no CUDA device")

@@ -98,7 +98,8 @@ def main(argv=None):
             rows.append(row)
             print(json.dumps(row), flush=True)
 
-    print(f"\nSmolLM2-135M, WikiText-2 held-out: {len(windows)} x {args.window} tokens (first 80 % of the stream), "
+    print(f"\n{args.model or 'SmolLM2-135M'}, {text.source} held-out: {len(windows)} x {args.window} tokens "
+          f"(first 80 % of the stream), "
           f"calibration {len(calib)} x {args.window} tokens from the last 20 % (tokens {calib.meta['calib_token_range']})")
     print(f"{'method':<18}{'sparsity':>9}{'measured':>9}{'ppl':>10}{'x dense':>9}")
     for r in rows:

@@ -5,6 +5,8 @@
 # $OUT/decode_compiled (decode.md/.csv, log.txt), the tests' full log in $OUT/decode_tests.log; each
 # survives a step's timeout, and no step stops the next.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+: "${OUT:?set OUT to a folder for the logs (the device tool sets it)}"
+python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "bench/gpu_decode.sh needs a CUDA GPU" >&2; exit 2; }
 ln -sfn ../kernels sparse_infer/kernels
 mkdir -p $OUT/decode_graph $OUT/decode_compiled
 # launch configs: the built-in table, or gpu_check.sh's tuning.json committed to the tree and named by the caller

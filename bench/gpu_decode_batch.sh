@@ -5,6 +5,8 @@
 # Results in $OUT/decode_batch and $OUT/decode_batch_1_32 (decode.md/.csv, log.txt); each survives a step's timeout.
 # Launch configs: the built-in table, or SPARSE_INFER_TUNING=bench/h100/tuning.json as gpu_decode.sh explains.
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+: "${OUT:?set OUT to a folder for the logs (the device tool sets it)}"
+python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "bench/gpu_decode_batch.sh needs a CUDA GPU" >&2; exit 2; }
 ln -sfn ../kernels sparse_infer/kernels
 mkdir -p $OUT/decode_batch $OUT/decode_batch_1_32
 echo "launch configs: ${SPARSE_INFER_TUNING:-built-in table (kernels/_autotune.py)}"

@@ -11,7 +11,7 @@ waits (tensor-core paths; "-" where the loop loads straight into registers), and
 frequent opcodes.  The split-K epilogue needs one fence (the release on the tile counter); each
 extra one puts a serial L2 round trip on the kernel's tail.
 
-    python bench/sass_count.py                    # the M = 1 variants of KERNEL_NOTES "Issue work per tile"
+    python bench/sass_count.py                    # every variant (the tables of KERNEL_NOTES)
     python bench/sass_count.py --variants default pairs --opcodes 12
 
 Numbers in the notes were taken with triton 3.6 (the device's version); other versions

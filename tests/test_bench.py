@@ -33,7 +33,7 @@ def bd():
 
 # ----------------------------------------------------------------------------- bench_decode: arguments
 def test_decode_defaults(bd):
-    args = bd.parse_args([])
+    args = bd.parse_args([] if torch.cuda.is_available() else ["--device", "cpu"])
     assert args.config == "llama3-8b"
     assert args.batch == [1, 4]
     assert args.sparsity == [0.3, 0.5, 0.7]
@@ -43,6 +43,15 @@ def test_decode_defaults(bd):
     assert args.dtype == "bf16" and args.engine == "native"
     assert args.graphs == torch.cuda.is_available()  # CUDA graphs only where there is CUDA
     assert args.compile is None  # eager step unless asked
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_decode_refuses_a_gpu_sized_config_without_cuda(bd, capsys):
+    """Without CUDA the default llama3-8b would run the reference path for hours: refused unless asked for."""
+    with pytest.raises(SystemExit):
+        bd.parse_args([])
+    assert "--config llama3-8b is a GPU benchmark and torch sees no CUDA device: use --config tiny" in capsys.readouterr().err
+    assert bd.parse_args(["--config", "tiny"]).device == "cpu"
 
 
 def test_decode_lists_and_flags(bd):

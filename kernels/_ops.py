@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from .gated_mlp import _gated_mlp_impl
+from .gating import check_gate
 from .rsparse_matmul import _rsparse_linear_impl
 from .sparse_matmul import _sparse_linear_impl
 
@@ -41,7 +42,10 @@ def _gate_of(k: int, threshold: Optional[torch.Tensor], scale: Optional[torch.Te
                            density=None if density < 0 else density)
 
 
-def _flatten(gate, x: torch.Tensor):
+def _flatten(gate, x: torch.Tensor, width: int):
+    """The gate as the custom ops' arguments; ``width``: the gated channels (input or intermediate)."""
+    # checked before flattening: int() would truncate k=2.7, and -1 stands for "no k" below
+    check_gate(gate, width, x.device)
     t = gate.threshold
     if t is not None and not isinstance(t, torch.Tensor):
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32)
@@ -95,16 +99,17 @@ def _(x, gate_weight, up_weight, down_weight, act_name, k, threshold, scale, sha
 
 def sparse_linear_op(x, weight, bias, gate) -> torch.Tensor:
     """``torch.ops.sparse_infer.sparse_linear`` with an ``ops.Gate``."""
-    return torch.ops.sparse_infer.sparse_linear(x, weight, bias, *_flatten(gate, x))
+    return torch.ops.sparse_infer.sparse_linear(x, weight, bias, *_flatten(gate, x, weight.shape[1]))
 
 
 def rsparse_linear_op(x, weight, bias, A, B, gate) -> torch.Tensor:
     """``torch.ops.sparse_infer.rsparse_linear`` with an ``ops.Gate``."""
-    return torch.ops.sparse_infer.rsparse_linear(x, weight, bias, A, B, *_flatten(gate, x))
+    return torch.ops.sparse_infer.rsparse_linear(x, weight, bias, A, B, *_flatten(gate, x, weight.shape[1]))
 
 
 def gated_mlp_op(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias=None, up_bias=None,
                  down_bias=None) -> torch.Tensor:
     """``torch.ops.sparse_infer.gated_mlp`` with an ``ops.Gate``."""
-    return torch.ops.sparse_infer.gated_mlp(x, gate_weight, up_weight, down_weight, act_name, *_flatten(gate, x),
+    flat = _flatten(gate, x, gate_weight.shape[0])
+    return torch.ops.sparse_infer.gated_mlp(x, gate_weight, up_weight, down_weight, act_name, *flat,
                                             gate_bias, up_bias, down_bias)

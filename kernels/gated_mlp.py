@@ -86,6 +86,7 @@ Limitations
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from typing import Optional
 
@@ -95,7 +96,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import cdiv, interpreting, num_sms
-from .gating import _check_scale, _topk_launch
+from .gating import _check_scale, _topk_launch, check_gate
 
 __all__ = ["gated_mlp", "MAX_KERNEL_TOKENS", "ACTIVATIONS"]
 
@@ -372,8 +373,12 @@ def _check(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up
                 raise ValueError(f"{name} has shape {tuple(b.shape)}, expected ({n},)")
             if b.device != x.device:
                 raise ValueError(f"{name} is on {b.device}, x on {x.device}")
+            if b.dtype != x.dtype:
+                raise TypeError(f"{name}.dtype={b.dtype} differs from x.dtype={x.dtype}; cast the bias or x")
     if gate is None or (getattr(gate, "k", None) is None) == (getattr(gate, "threshold", None) is None):
         raise ValueError("gate must be a sparse_infer.ops.Gate with exactly one of k or threshold")
+    if getattr(gate, "valid", None) is not None:
+        check_gate(gate, inter, x.device)  # raises: the kernels do not serve Gate.valid
     if gate.k is not None:
         if isinstance(gate.k, (bool, torch.Tensor)):
             raise TypeError(f"gate.k must be an int, got {type(gate.k).__name__}")
@@ -390,7 +395,7 @@ def _check(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up
                 raise ValueError(f"threshold has shape {tuple(t.shape)}: expected a scalar or ({inter},)")
             if t.device != x.device:
                 raise ValueError(f"threshold is on {t.device}, x on {x.device}")
-        elif not isinstance(t, (int, float)):
+        elif isinstance(t, bool) or not isinstance(t, numbers.Real):  # numpy scalars are Real, not float
             raise TypeError(f"threshold must be a float or a tensor, got {type(t).__name__}")
     if gate.scale is not None:
         s = gate.scale
@@ -447,7 +452,12 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
     out = torch.empty((M, out_f), device=x.device, dtype=x.dtype)
     if M == 0 or out_f == 0:
         return out.reshape(*lead, out_f)
-    if inter == 0 or hidden == 0:
+    if hidden == 0 and inter > 0:  # h = act(gate bias), u = up bias: gated, then through down (the reference)
+        from sparse_infer import reference as ref
+
+        return ref.gated_mlp(x, gate_weight, up_weight, down_weight, _TORCH_ACTS[act_name], gate.mask,
+                             gate_bias, up_bias, down_bias)
+    if inter == 0:
         # reference: an empty sum
         res = torch.zeros((M, out_f), device=x.device, dtype=torch.float32)
         if down_bias is not None:
@@ -493,7 +503,8 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
             t_mode = _T_SCALAR_PTR if t.numel() == 1 else _T_CHANNEL_PTR
             t_ptr, t_val = t.reshape(-1).contiguous(), 0.0
         else:
-            t_mode, t_ptr, t_val = _T_SCALAR_ARG, dummy, float(t)
+            # rounded to float32 first, as the reference compares (1e39 is inf there, not a finite bound)
+            t_mode, t_ptr, t_val = _T_SCALAR_ARG, dummy, torch.tensor(float(t), dtype=torch.float32).item()
         _gate_up_kernel[grid_n](*args_w, dummy, dummy, 0, p, t_ptr, t_val, scale, M, inter, hidden,
                                 PHASE=1, MASK_MODE=_THRESH_SHARED if gate.shared else _THRESH, T_MODE=t_mode,
                                 **common)

@@ -30,6 +30,7 @@ the threshold in their own pass over ``x``.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -289,6 +290,27 @@ def _check_x(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])  # -1 cannot be inferred when in_features is 0
 
 
+def check_gate(gate, K: int, device) -> None:
+    """What every kernel entry point checks of a gate before any early return (empty outputs included):
+    a valid k, a threshold and scale of the gated width, and no ``valid`` rows (padding left out of a
+    shared mask is served by the reference path only: `sparse_infer.ops` routes such calls there)."""
+    if getattr(gate, "valid", None) is not None:
+        raise ValueError("Gate.valid (tokens a shared mask leaves out) is not served by the Triton kernels: "
+                         "call sparse_infer.ops (it runs the reference for such gates) or drop valid")
+    if gate.k is not None:
+        if isinstance(gate.k, bool):
+            raise TypeError("k must be an int, got bool")
+        try:
+            k = operator.index(gate.k)  # numpy integers too; 2.7 is refused, not truncated
+        except TypeError:
+            raise TypeError(f"k must be an int, got {type(gate.k).__name__}") from None
+        if not 0 <= k <= K:
+            raise ValueError(f"k={k} must lie in [0, {K}] (the number of gated channels)")
+    else:
+        _threshold_tensor(gate.threshold, K, device)
+    _check_scale(gate.scale, K, device)
+
+
 def _check_scale(scale: Optional[torch.Tensor], K: int, device) -> Optional[torch.Tensor]:
     if scale is None:
         return None
@@ -333,8 +355,12 @@ def _rows_and_strides(x2: torch.Tensor, shared: bool, steps: int):
 def _topk_launch(x2: torch.Tensor, k: int, scale, shared: bool, steps: int = 1) -> torch.Tensor:
     """int8 mask (rows, K): rows = tokens, or decode steps when ``shared``."""
     N, K = x2.shape
-    if not isinstance(k, int) or isinstance(k, bool):
-        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if isinstance(k, bool):
+        raise TypeError("k must be an int, got bool")
+    try:
+        k = operator.index(k)  # numpy integers too
+    except TypeError:
+        raise TypeError(f"k must be an int, got {type(k).__name__}") from None
     if not 0 <= k <= K:
         raise ValueError(f"k={k} must lie in [0, {K}] (the number of input channels)")
     rows, M, s_row, s_mem = _rows_and_strides(x2, shared, steps)

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .gating import apply_mask, token_mask
+from .gating import apply_mask, check_gate, token_mask
 from .sparse_matmul import (
     _check_linear, _fused_block_m, _gate_args, _gate_plan, _launch, _pregated, _steps,
 )
@@ -63,6 +63,7 @@ def _rsparse_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     x2, bias = _check_linear(x, weight, bias)
     M, K = x2.shape
     N = weight.shape[0]
+    check_gate(gate, K, x.device)
     A, B = _check_factors(A, B, K, N, x)
     R = A.shape[1]
     out_shape = (*x.shape[:-1], N)

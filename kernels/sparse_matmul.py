@@ -82,8 +82,8 @@ import triton.language as tl
 from . import _autotune
 from ._autotune import interpreting
 from .gating import (
-    _check_scale, _threshold_launch, _threshold_tensor, _topk_launch, apply_mask, compact_ids_dtype, pregate,
-    shared_steps, token_mask,
+    _check_scale, _threshold_launch, _threshold_tensor, _topk_launch, apply_mask, check_gate, compact_ids_dtype,
+    pregate, shared_steps, token_mask,
 )
 
 __all__ = ["sparse_linear", "to_kernel_layout", "DENSE_FALLBACK_TOKENS", "PER_TOKEN_FALLBACK_TOKENS", "MODE_THRESH", "MODE_MASK",
@@ -566,6 +566,7 @@ def _sparse_linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: Optional[to
     x2, bias = _check_linear(x, weight, bias)
     M, K = x2.shape
     N = weight.shape[0]
+    check_gate(gate, K, x.device)
     out_shape = (*x.shape[:-1], N)
     if _fallback(M, gate) or K == 0:
         xs = apply_mask(x2, token_mask(x2, gate, _steps(x, gate))) if K else x2

@@ -24,6 +24,7 @@ Conventions used throughout
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Optional
 
 import torch
@@ -156,7 +157,17 @@ def shared_topk_mask(x: torch.Tensor, k: int, scale: Optional[torch.Tensor] = No
     for ``(batch, seq, in)``; broadcasts against ``x``.  ``valid``: the tokens
     that count (see `_step_importance`).
     """
+    if _no_tokens(x):  # nothing to score: no channel is needed (all of them when k keeps every one)
+        return torch.full(_step_shape(x), k >= x.shape[-1], dtype=torch.bool, device=x.device)
     return topk_mask(_step_importance(x, scale, valid), k)
+
+
+def _no_tokens(x: torch.Tensor) -> bool:
+    return math.prod(x.shape[:-1]) == 0
+
+
+def _step_shape(x: torch.Tensor) -> tuple:
+    return (x.shape[-2], x.shape[-1]) if x.dim() >= 3 else (x.shape[-1],)
 
 
 def shared_threshold_mask(
@@ -164,6 +175,8 @@ def shared_threshold_mask(
     valid: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Batch-shared threshold: per decode step, channels whose RMS of ``x·s`` exceeds ``t``."""
+    if _no_tokens(x):
+        return torch.zeros(_step_shape(x), dtype=torch.bool, device=x.device)
     return threshold_mask(_step_importance(x, scale, valid), threshold)
 
 

@@ -47,8 +47,10 @@ class SparsityConfig:
     Attributes:
         method: ``"topk"`` (per-token top-k of |x|), ``"threshold"`` (calibrated
             |x| > t, TEAL), ``"gate"`` (CATS: threshold/top-k on the gated MLP's
-            activation, MLP only), ``"rsparse"`` (R-Sparse: top channels through
-            the weight, the rest through its rank-r SVD factor).
+            activation; with targets "all" the attention linears take per-token
+            top-k of |x|, where CATS leaves them dense), ``"rsparse"`` (R-Sparse:
+            top channels by |x_i|·||W[:, i]|| through the weight, the rest through
+            its rank-r SVD factor).
         sparsity: target model-level sparsity in [0, 1): the fraction of weight
             bytes per token that the patched linears skip (see
             ``reference.model_sparsity``).
@@ -63,17 +65,27 @@ class SparsityConfig:
             ``None`` sparsifies every token.
         backend: ``"auto"`` (Triton on CUDA, reference elsewhere), ``"triton"``, ``"reference"``.
         rank_fraction: rsparse only, the share of each layer's byte budget spent on
-            the low-rank factor when no calibration chose it.
+            the low-rank factor when no calibration chose it (the R-Sparse paper's
+            uniform setting spends about 5 %).
         importance: rank channels by ``|x_i|·||W[:, i]||`` (R-Sparse) instead of
             ``|x_i|``; ``None`` means True for rsparse, False otherwise.
-        per_channel: threshold only, one threshold per input channel (CHESS)
-            instead of one per layer (TEAL).
+        per_channel: threshold only, one threshold per input channel, each at the
+            layer's quantile so every channel is dropped at the same rate, instead
+            of one per layer (TEAL).  Channel-wise like CHESS, but not its formula
+            (CHESS scales one layer quantile by each channel's mean |up| on the gate
+            activation).
         overrides: per-layer settings, ``{fnmatch pattern over module names:
             {"sparsity": float, "rank": int}}``, applied last.
         allocation: how calibration spreads the model-level budget over layers:
-            ``"uniform"`` (every layer at ``sparsity``), ``"greedy"`` (TEAL: raise
-            sparsity where the calibration error grows least), ``"search"``
-            (R-Sparse: per-layer split between channels and rank, searched).
+            ``"uniform"`` (every layer at ``sparsity``), ``"greedy"`` (after TEAL:
+            raise sparsity where the calibration error grows least, one global
+            greedy over all linears scored by each one's own output error; TEAL's
+            greedy runs per block, on the block's output error, and gives every
+            block the same sparsity), ``"search"`` (an evolution strategy over the
+            allocation's shape - per-projection offsets, a depth tilt, a rank
+            scale - scored by the logits KL to the dense model; R-Sparse searches
+            per-layer genes directly; rsparse layers take, at their sparsity, the
+            rank of least layer-local error, which can be 0).
             Anything but uniform needs calibration data.
         seed: seed for anything random (calibration search).
         lowrank: rsparse only, how the low-rank factor is made: ``"svd"`` (plain
@@ -111,6 +123,9 @@ class SparsityConfig:
         if self.lowrank not in LOWRANKS:
             raise ValueError(f"unknown lowrank {self.lowrank!r}; expected one of {LOWRANKS}")
         self.sparsity = _check_sparsity(self.sparsity, "SparsityConfig")
+        if self.per_channel is True and self.method != "threshold":  # (its type is checked below)
+            raise ValueError(f"per_channel applies to method 'threshold' only, not {self.method!r}: drop it, or use "
+                             "method='threshold'")
         if self.method == "gate" and self.targets == "attn":
             raise ValueError("method 'gate' sparsifies the gated MLP's activation; use targets 'mlp' or 'all'")
         if self.method == "gate" and self.sparsity >= GATE_MAX_SPARSITY:

@@ -238,6 +238,17 @@ def perplexity(model: nn.Module, windows: Iterable[torch.Tensor], batch: int = 1
     return math.exp(nll / count)
 
 
+def lowrank_layers(model: nn.Module) -> Optional[str]:
+    """"k/n": how many of the n rank-aware modules carry a low-rank factor (rank > 0); None without any.
+
+    Calibration gives each rsparse layer the rank of least layer-local error at its sparsity, which
+    can be 0 everywhere (SmolLM2 at 50 %): such a row is importance-ranked channel sparsity, no factor."""
+    from .modules import RSparseLinear
+
+    mods = [m for m in sparse_modules(model).values() if isinstance(m, RSparseLinear)]
+    return f"{sum(1 for m in mods if m.rank > 0)}/{len(mods)}" if mods else None
+
+
 def weight_read_fraction(model: nn.Module) -> float:
     """Weight elements read per token by every linear of ``model`` (LM head included), relative to dense.
 
@@ -596,7 +607,7 @@ def evaluate(
                                 continue
                         r = row(method, sp, mode, b, protocol, sparsity=measured_sparsity(lm),
                                 bytes_rel=weight_read_fraction(lm), seconds=round(time.time() - t2, 2),
-                                calib_seconds=round(t_cal, 2), **m)
+                                calib_seconds=round(t_cal, 2), lowrank_layers=lowrank_layers(lm), **m)
                         log(f"{label:<24} {protocol:<6} sparsity {r['sparsity']:.3f}  bytes {r['bytes_rel']:.3f}  "
                             f"ppl {r['ppl']:.3f}  kl {r['kl']:.4f}  top1 {r['top1']:.3f}  ({time.time() - t1:.0f} s)")
                 finally:

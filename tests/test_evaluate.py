@@ -312,3 +312,20 @@ def test_text_split_and_crlf(tmp_path):
     p.write_bytes(b"a\r\nb\r\n")
     t = data.load_text(str(p))
     assert t.text == "a\r\nb\r\n"  # CRLF endings are part of the tokens: read with newline=""
+
+
+def test_rows_say_how_many_rank_aware_layers_carry_a_factor():
+    """Calibration may give every rsparse layer rank 0 (then the row measures importance-ranked channels,
+    not a low-rank path): the row says how many layers carry a factor."""
+    import sparse_infer as si
+    from sparse_infer.evaluate import lowrank_layers
+    from sparse_infer.models import tiny_model
+
+    model = tiny_model("llama")
+    assert lowrank_layers(model) is None
+    si.sparsify(model, si.SparsityConfig(method="rsparse", sparsity=0.5, overrides={"*.layers.0.*": {"rank": 0}}),
+                progress=False)
+    assert lowrank_layers(model) == "3/6"
+    si.unsparsify(model)
+    si.sparsify(model, si.SparsityConfig(method="topk", sparsity=0.5), progress=False)
+    assert lowrank_layers(model) is None

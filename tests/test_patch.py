@@ -147,6 +147,7 @@ def test_unsupported_model_names_class_and_families():
         ({"overrides": {1: {"sparsity": 0.5}}}, "overrides keys are fnmatch patterns"),
         ({"importance": "false"}, "importance must be bool or NoneType"),
         ({"per_channel": "yes"}, "per_channel must be bool"),
+        ({"method": "gate", "per_channel": True}, "per_channel applies to method 'threshold' only, not 'gate'"),
         ({"seed": 1.5}, "seed must be an int"),
         ({"version": True}, "version must be an int"),
         ({"rank_fraction": "0.3"}, r"rank_fraction must be a number in \[0, 1\)"),

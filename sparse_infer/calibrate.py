@@ -494,28 +494,28 @@ def refine_thresholds(model: nn.Module, stats: CalibrationStats, cal: Calibratio
     return gaps
 
 
-@torch.no_grad()
 def _apply_overrides(curves, alloc: dict, config: SparsityConfig) -> dict:
-    """The allocation with ``config.overrides`` applied last, as `sparsify` applies them: an overridden
-    layer gets its thresholds (and, for rsparse, its rank split) fitted at the overridden sparsity."""
+    """The allocation with ``config.overrides`` applied last, as `sparsify` applies them (the same
+    `patch._layer_setting`): an overridden layer gets its thresholds (and, for rsparse, the rank of
+    least error at its sparsity, unless the override names a rank) fitted at the overridden sparsity."""
     if not config.overrides:
         return alloc
-    import fnmatch
+    from .patch import _layer_setting
 
     sparsity, rank = list(alloc["sparsity"]), list(alloc["rank"])
     for i, c in enumerate(curves):
-        for pattern, spec in config.overrides.items():
-            if not fnmatch.fnmatchcase(c.name, pattern):
-                continue
-            if "sparsity" in spec:
-                sparsity[i] = float(spec["sparsity"])
-                if c.kind == "mlp" and 1.5 * sparsity[i] > 1.0:
-                    raise ValueError(f"{c.name}: method 'gate' cannot reach sparsity {sparsity[i]} (at most 2/3 over the MLP)")
-                if config.method == "rsparse" and c.kind != "mlp":
-                    rank[i] = c.rank_at(sparsity[i])
-            if "rank" in spec and config.method == "rsparse":
-                rank[i] = int(spec["rank"])
-        if config.method == "rsparse" and c.kind != "mlp":
+        lowrank = config.method == "rsparse" and c.kind != "mlp"
+        s = _layer_setting(c.name, "sparsity", None, None, config)
+        if s is not None:
+            sparsity[i] = float(s)
+            if c.kind == "mlp" and 1.5 * sparsity[i] > 1.0:
+                raise ValueError(f"{c.name}: method 'gate' cannot reach sparsity {sparsity[i]} (at most 2/3 over the MLP)")
+            if lowrank:
+                rank[i] = c.rank_at(sparsity[i])
+        r = _layer_setting(c.name, "rank", None, None, config) if lowrank else None
+        if r is not None:
+            rank[i] = int(r)
+        if lowrank:
             budget = (1.0 - sparsity[i]) * c.in_features * c.out_features
             if rank[i] * (c.in_features + c.out_features) > budget or rank[i] > min(c.in_features, c.out_features):
                 raise ValueError(f"{c.name}: rank={rank[i]} alone reads more than the budget at sparsity {sparsity[i]} "
@@ -523,6 +523,7 @@ def _apply_overrides(curves, alloc: dict, config: SparsityConfig) -> dict:
     return {**alloc, "sparsity": sparsity, "rank": rank, "label": f"{alloc.get('label')} + overrides"}
 
 
+@torch.no_grad()
 def calibrate(model: nn.Module, data, config: SparsityConfig, *, progress: bool = True, tokenizer=None,
               num_samples: Optional[int] = None, seq_len: int = DEFAULT_SEQ_LEN, reservoir: int = 512,
               kl_samples: int = 2, kl_tokens: int = 256, iterations: Optional[int] = None,

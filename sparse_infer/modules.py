@@ -197,9 +197,12 @@ class _GatedBase(nn.Module):
         return 1.0 if d is None else d
 
     def _runs_dense(self, x: torch.Tensor) -> bool:
-        dense = self.dense_prefill_above is not None and _positions(x) > self.dense_prefill_above
+        if self.dense_prefill_above is None:
+            return False
+        positions = _positions(x)
+        dense = positions > self.dense_prefill_above
         if dense and self._batch is not None:
-            self._batch.dense_call(self.dense_prefill_above, _positions(x))
+            self._batch.dense_call(self.dense_prefill_above, positions)
         return dense
 
     def _record(self, mask: torch.Tensor, tokens: int, dense: bool = False, valid: Optional[torch.Tensor] = None):

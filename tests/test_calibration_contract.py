@@ -139,3 +139,14 @@ def test_calibration_of_the_wrong_type_is_named():
     with pytest.raises(TypeError, match=r"calibration must be None, the path of a file .* got int"):
         si.sparsify(model, SparsityConfig(method="threshold"), calibration=5, progress=False)
     assert not si.sparse_modules(model)
+
+
+def test_calibration_runs_without_autograd(monkeypatch):
+    """calibrate is @torch.no_grad(): the allocation and refit passes build no graphs."""
+    from sparse_infer import allocate
+
+    seen = []
+    real = allocate.to_calibration
+    monkeypatch.setattr(allocate, "to_calibration", lambda *a, **k: (seen.append(torch.is_grad_enabled()), real(*a, **k))[1])
+    si.calibrate(tiny_model("llama"), _calib(1), SparsityConfig(method="threshold"), progress=False, quick=True)
+    assert seen == [False]

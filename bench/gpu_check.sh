@@ -4,10 +4,7 @@
 # bucket, tests_kernels.log, tests_gated_mlp.log) and
 # survive a step's timeout; the console gets the result lines and pytest's summaries only.
 # Each step is stopped with SIGINT (pytest then still prints its summary); no step stops the next.
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-: "${OUT:?set OUT to a folder for the logs (the device tool sets it)}"
-python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "bench/gpu_check.sh needs a CUDA GPU" >&2; exit 2; }
-ln -sfn ../kernels sparse_infer/kernels
+. bench/gpu_env.sh  # PYTHONPATH, OUT and CUDA checks, the kernels link
 summary() { grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|error)|Interrupted|Timeout" "$1" | tail -40; }
 timeout -s INT 400 python bench/bench_kernels.py --final --fallback --fallback-tokens 2 4 8 16 32 --out $OUT \
     > $OUT/final.log 2>&1

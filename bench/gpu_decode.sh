@@ -4,10 +4,7 @@
 # dense and sparse alike (timeouts sum to 590 s: one call).  Results land in $OUT/decode_graph and
 # $OUT/decode_compiled (decode.md/.csv, log.txt), the tests' full log in $OUT/decode_tests.log; each
 # survives a step's timeout, and no step stops the next.
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-: "${OUT:?set OUT to a folder for the logs (the device tool sets it)}"
-python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "bench/gpu_decode.sh needs a CUDA GPU" >&2; exit 2; }
-ln -sfn ../kernels sparse_infer/kernels
+. bench/gpu_env.sh  # PYTHONPATH, OUT and CUDA checks, the kernels link
 mkdir -p $OUT/decode_graph $OUT/decode_compiled
 # launch configs: the built-in table, or gpu_check.sh's tuning.json committed to the tree and named by the caller
 # (SPARSE_INFER_TUNING=bench/h100/tuning.json bash bench/gpu_decode.sh); the result tables' command says which

@@ -4,10 +4,7 @@
 # (last timed in stop 8: shared 0.77x / 0.57x dense), then 1 and 32 (32 tokens take the dense fallback today).
 # Results in $OUT/decode_batch and $OUT/decode_batch_1_32 (decode.md/.csv, log.txt); each survives a step's timeout.
 # Launch configs: the built-in table, or SPARSE_INFER_TUNING=bench/h100/tuning.json as gpu_decode.sh explains.
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
-: "${OUT:?set OUT to a folder for the logs (the device tool sets it)}"
-python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' || { echo "bench/gpu_decode_batch.sh needs a CUDA GPU" >&2; exit 2; }
-ln -sfn ../kernels sparse_infer/kernels
+. bench/gpu_env.sh  # PYTHONPATH, OUT and CUDA checks, the kernels link
 mkdir -p $OUT/decode_batch $OUT/decode_batch_1_32
 echo "launch configs: ${SPARSE_INFER_TUNING:-built-in table (kernels/_autotune.py)}"
 timeout -s INT 320 python bench/bench_decode.py --batch 4,16 --sparsity 0.5 --modes per_token,shared --new-tokens 128 \

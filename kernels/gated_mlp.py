@@ -87,7 +87,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Optional
 
 import torch
@@ -96,7 +95,7 @@ import triton
 import triton.language as tl
 
 from ._autotune import cdiv, interpreting, num_sms
-from .gating import _check_scale, _topk_launch, check_gate
+from .gating import _as_k, _check_scale, _topk_launch, check_gate
 
 __all__ = ["gated_mlp", "MAX_KERNEL_TOKENS", "ACTIVATIONS"]
 
@@ -380,14 +379,9 @@ def _check(x, gate_weight, up_weight, down_weight, act_name, gate, gate_bias, up
     if getattr(gate, "valid", None) is not None:
         check_gate(gate, inter, x.device)  # raises: the kernels do not serve Gate.valid
     if gate.k is not None:
-        if isinstance(gate.k, (bool, torch.Tensor)):
+        if isinstance(gate.k, torch.Tensor):  # operator.index would take a 0-d integer tensor
             raise TypeError(f"gate.k must be an int, got {type(gate.k).__name__}")
-        try:
-            k = operator.index(gate.k)
-        except TypeError:
-            raise TypeError(f"gate.k must be an int, got {type(gate.k).__name__}") from None
-        if not 0 <= k <= inter:
-            raise ValueError(f"k={k} must lie in [0, {inter}] (the number of intermediate channels)")
+        _as_k(gate.k, inter, "intermediate channels")
     else:
         t = gate.threshold
         if isinstance(t, torch.Tensor):
@@ -493,7 +487,7 @@ def _gated_mlp_impl(x, gate_weight, up_weight, down_weight, act_name, gate, gate
                                 PHASE=0, MASK_MODE=_MASK_BUF, T_MODE=0, **common)
         # the selection pass is gating's top-k kernel over h (same scores, ties and NaN rules):
         # an int8 mask of one row per token, or one row shared by all of them
-        mask = _topk_launch(h, operator.index(gate.k), gate.scale, bool(gate.shared))
+        mask = _topk_launch(h, gate.k, gate.scale, bool(gate.shared))
         _gate_up_kernel[grid_n](*args_w, h, mask, 0 if gate.shared else mask.stride(0), p, dummy, 0.0, scale, M,
                                 inter, hidden,
                                 PHASE=2, MASK_MODE=_MASK_BUF, T_MODE=0, **common)

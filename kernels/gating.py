@@ -298,17 +298,23 @@ def check_gate(gate, K: int, device) -> None:
         raise ValueError("Gate.valid (tokens a shared mask leaves out) is not served by the Triton kernels: "
                          "call sparse_infer.ops (it runs the reference for such gates) or drop valid")
     if gate.k is not None:
-        if isinstance(gate.k, bool):
-            raise TypeError("k must be an int, got bool")
-        try:
-            k = operator.index(gate.k)  # numpy integers too; 2.7 is refused, not truncated
-        except TypeError:
-            raise TypeError(f"k must be an int, got {type(gate.k).__name__}") from None
-        if not 0 <= k <= K:
-            raise ValueError(f"k={k} must lie in [0, {K}] (the number of gated channels)")
+        _as_k(gate.k, K, "gated channels")
     else:
         _threshold_tensor(gate.threshold, K, device)
     _check_scale(gate.scale, K, device)
+
+
+def _as_k(k, K: int, what: str = "input channels") -> int:
+    """``k`` as an int in [0, K]: numpy integers too, while a bool or 2.7 is refused, not truncated."""
+    if isinstance(k, bool):
+        raise TypeError("k must be an int, got bool")
+    try:
+        k = operator.index(k)
+    except TypeError:
+        raise TypeError(f"k must be an int, got {type(k).__name__}") from None
+    if not 0 <= k <= K:
+        raise ValueError(f"k={k} must lie in [0, {K}] (the number of {what})")
+    return k
 
 
 def _check_scale(scale: Optional[torch.Tensor], K: int, device) -> Optional[torch.Tensor]:
@@ -355,14 +361,7 @@ def _rows_and_strides(x2: torch.Tensor, shared: bool, steps: int):
 def _topk_launch(x2: torch.Tensor, k: int, scale, shared: bool, steps: int = 1) -> torch.Tensor:
     """int8 mask (rows, K): rows = tokens, or decode steps when ``shared``."""
     N, K = x2.shape
-    if isinstance(k, bool):
-        raise TypeError("k must be an int, got bool")
-    try:
-        k = operator.index(k)  # numpy integers too
-    except TypeError:
-        raise TypeError(f"k must be an int, got {type(k).__name__}") from None
-    if not 0 <= k <= K:
-        raise ValueError(f"k={k} must lie in [0, {K}] (the number of input channels)")
+    k = _as_k(k, K)
     rows, M, s_row, s_mem = _rows_and_strides(x2, shared, steps)
     if k == K or k == 0 or N == 0:
         fill = torch.ones if k == K else torch.zeros

@@ -146,10 +146,17 @@ def weight_probe(module: nn.Module) -> torch.Tensor:
     """
     parts = []
     for p in module.parameters():
-        flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, max(flat.numel() - 1, 0), 64).round().long().to(flat.device)
-        parts += [torch.tensor(p.shape, dtype=torch.float64), flat[idx].double().cpu() if flat.numel() else flat.double().cpu()]
+        parts += [torch.tensor(p.shape, dtype=torch.float64), sampled_values(p)]
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64)
+
+
+def sampled_values(t: torch.Tensor, n: int = 64) -> torch.Tensor:
+    """``n`` evenly spaced values of ``t`` in row-major order (whatever its layout), float64 on the CPU."""
+    flat = t.detach().reshape(-1)
+    if not flat.numel():
+        return flat.double().cpu()
+    idx = torch.linspace(0, flat.numel() - 1, n).round().long().to(flat.device)
+    return flat[idx].double().cpu()
 
 
 def _log_abs(x: torch.Tensor) -> torch.Tensor:

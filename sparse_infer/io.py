@@ -27,7 +27,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
-from .config import SparsityConfig
+from .config import SparsityConfig, _is_real
 
 __all__ = ["save_sparsity", "load_sparsity", "load_calibration", "FORMAT", "FORMAT_VERSION"]
 
@@ -57,11 +57,9 @@ MIN_PROBE_CORRELATION = 0.9
 
 def _probe(weight: torch.Tensor) -> list:
     """64 evenly spaced values of a weight (row-major order whatever its layout), as floats."""
-    flat = weight.detach().reshape(-1)
-    if not flat.numel():
-        return []
-    idx = torch.linspace(0, flat.numel() - 1, PROBE_VALUES).round().long().to(flat.device)
-    return [float(v) for v in flat[idx].double().cpu()]
+    from .calibrate import sampled_values
+
+    return [float(v) for v in sampled_values(weight, PROBE_VALUES)]
 
 
 def _probe_correlation(a: list, b: list) -> float | None:
@@ -232,7 +230,7 @@ def _read(path) -> Tuple[dict, Dict[str, torch.Tensor]]:
         if not isinstance(info, dict):
             raise ValueError(f"{json_path} is corrupted: the entry of layer {name!r} is {info!r}, not a dict; save again")
         sp = info.get("sparsity")
-        if sp is not None and (isinstance(sp, bool) or not isinstance(sp, (int, float))):
+        if sp is not None and not _is_real(sp):
             raise ValueError(f"{json_path} is corrupted: the sparsity of layer {name!r} is {sp!r}, not a number; save again")
     if _sha256(tensor_path) != doc["tensors"].get("sha256"):
         raise ValueError(f"{tensor_path} does not match {json_path.name} (SHA-256 differs): the file is corrupted or from another save; save again")
@@ -270,7 +268,7 @@ def _check_model(model: nn.Module, doc: dict, config: SparsityConfig, where) -> 
     for name, h in have.items():
         w = want[name]
         fp = w.get("fingerprint")
-        if fp is not None and (not isinstance(fp, (int, float)) or isinstance(fp, bool)):
+        if fp is not None and not _is_real(fp):
             raise ValueError(f"{where} is corrupted: the fingerprint of {name} is {fp!r}, not a number; save again")
         if fp is not None and not math.isclose(fp, h["fingerprint"], rel_tol=1e-2, abs_tol=1e-8):
             raise ValueError(

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import data as textdata
 from . import reference as ref
 from .config import SparsityConfig
 
@@ -86,13 +87,11 @@ def default_calibration_data(tokenizer, num_samples: int = DEFAULT_SAMPLES, seq_
     first ``1 - calib_fraction`` of the token stream, calibration the rest, so the
     two never overlap; the split is recorded in ``meta``.
     """
-    from . import data as D
-
-    frac = D.CALIB_FRACTION if calib_fraction is None else calib_fraction
-    text = D.load_text(text_file)
-    ids = D.tokenize(text.text, tokenizer)
-    _eval, calib, cut = D.split_tokens(ids, frac)
-    wins = D.windows(calib, seq_len, num_samples)
+    frac = textdata.CALIB_FRACTION if calib_fraction is None else calib_fraction
+    text = textdata.load_text(text_file)
+    ids = textdata.tokenize(text.text, tokenizer)
+    _eval, calib, cut = textdata.split_tokens(ids, frac)
+    wins = textdata.windows(calib, seq_len, num_samples)
     meta = {
         "source": text.source, "text_sha256": text.sha256, "total_tokens": int(len(ids)),
         "calib_fraction": frac, "calib_token_range": [int(cut), int(cut + len(wins) * seq_len)],
@@ -233,11 +232,10 @@ def _iter_batches(data, tokenizer, seq_len: int, vocab_size: Optional[int] = Non
             t = t.unsqueeze(0)
         if t.dim() != 2:
             raise ValueError(f"a calibration sample must be 1-D (seq,) or 2-D (batch, seq) token ids, got shape {tuple(t.shape)}")
-        if t.numel() and vocab_size is not None and not 0 <= int(t.min()) <= int(t.max()) < vocab_size:
-            raise ValueError(
-                f"calibration token ids must lie in [0, {vocab_size}) (the model's vocabulary), got "
-                f"[{int(t.min())}, {int(t.max())}]: tokenize with this model's tokenizer"
-            )
+        bad = textdata.outside_vocab(t, vocab_size)
+        if bad:
+            raise ValueError(f"calibration token ids must lie in [0, {vocab_size}) (the model's vocabulary), got "
+                             f"{bad}: tokenize with this model's tokenizer")
         if t.numel():
             yield t.long()
 

@@ -76,10 +76,11 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--windows", type=int, default=None, help="evaluation windows (default 12; --quick 4)")
     g.add_argument("--calib-windows", type=int, default=None, help="calibration windows, from the held-out tail (default 4; --quick 2)")
     g.add_argument("--seed", type=int, default=None, help="seed (default 0)")
-    g.add_argument("--threads", default="auto",
-                   help="CPU threads for torch: a number, or auto (default): one per core left idle by other work "
-                        "(by the load average; oversubscribed cores slow torch down several times). The numbers "
-                        "do not depend on it")
+    g.add_argument("--threads", default=None,
+                   help="CPU threads for torch: a number, or auto: one per core left idle by other work (by the load "
+                        "average; oversubscribed cores slow torch down several times). Default: torch's own (one per "
+                        "core). The thread count changes float32 summation order, so the table is reproduced exactly "
+                        "only with the same count (recorded in eval.json)")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="results", help="results folder (default: results/)")
     g.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
@@ -87,8 +88,11 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("-q", "--quiet", action="store_true", help="only the table on stdout (implies --no-progress)")
 
 
-def _threads(value: str) -> int:
-    """``--threads``: a positive number, or "auto": the cores not busy with other work (at least one)."""
+def _threads(value: Optional[str]) -> Optional[int]:
+    """``--threads``: a positive number, "auto" (the cores not busy with other work, at least one),
+    or ``None``: torch's default, which does not depend on the machine's load, so reruns agree."""
+    if value is None:
+        return None
     if value == "auto":
         cores = os.cpu_count() or 1
         try:
@@ -103,6 +107,14 @@ def _threads(value: str) -> int:
     if n < 1:
         raise CliError(f"--threads must be a positive integer or auto, got {value!r}")
     return n
+
+
+def _set_threads(value: Optional[str]) -> None:
+    import torch
+
+    n = _threads(value)
+    if n is not None:
+        torch.set_num_threads(n)
 
 
 def _writable(folder) -> None:
@@ -152,7 +164,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     import torch
 
-    torch.set_num_threads(_threads(args.threads))
+    _set_threads(args.threads)
     t0 = time.time()
     with _out_folder(args.out):
         rows = evaluate(args.model, text_file=args.text_file, settings=settings, dtype=args.dtype, device=args.device,
@@ -186,12 +198,16 @@ def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allocation", default=None, choices=ALLOCATIONS,
                    help="how the budget is spread over layers (default: search for rsparse, else uniform)")
     g.add_argument("--search-iterations", type=int, default=None, help="candidates of the allocation search (default 16)")
+    g.add_argument("--search-seconds", type=float, default=None,
+                   help="time bound of the allocation search (default 300; --quick 20). A search stopped by time "
+                        "depends on the machine's speed: 'inf' bounds it by --search-iterations only, so a rerun "
+                        "elsewhere gives the same file")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and output")
     g.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     g.add_argument("--quick", action="store_true", help="a few search candidates on a small sample (minutes less)")
-    g.add_argument("--threads", default="auto", help="CPU threads for torch: a number, or auto (default)")
+    g.add_argument("--threads", default=None, help="CPU threads for torch: a number, or auto (default: torch's own)")
     g.add_argument("--out", required=True, help="where to save: a *.safetensors path or a folder")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -213,10 +229,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
             raise CliError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.search_iterations is not None and args.search_iterations < 1:
         raise CliError(f"search iterations must be a positive integer, got {args.search_iterations}")
+    if args.search_seconds is not None and not args.search_seconds > 0:  # NaN too
+        raise CliError(f"--search-seconds must be a positive number of seconds (or inf), got {args.search_seconds}")
     from . import data as textdata
     from .io import _paths
 
-    torch.set_num_threads(_threads(args.threads))
+    _set_threads(args.threads)
     device = _resolve_device(args.device)
     progress = not args.no_progress
     t0 = time.time()
@@ -227,7 +245,8 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         except textdata.TooShort as e:  # worded for this command: its tail and its flag
             part = f"the calibration part (the last {100 * textdata.CALIB_FRACTION:.0f} % of the text)"
             raise CliError(e.message(part, "--seq-len")) from None
-        cal = si.calibrate(model, data, config, progress=progress, iterations=args.search_iterations, quick=args.quick)
+        cal = si.calibrate(model, data, config, progress=progress, iterations=args.search_iterations,
+                           time_budget_s=args.search_seconds, quick=args.quick)
         si.sparsify(model, config, calibration=cal, progress=progress)
         path = si.save_sparsity(model, args.out, calibration=cal)
     mods = si.sparse_modules(model)

@@ -87,6 +87,15 @@ def tokenize(text: str, tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def outside_vocab(ids: torch.Tensor, vocab_size: Optional[int]) -> Optional[str]:
+    """``"[min, max]"`` of ``ids`` when they do not all index a vocabulary of ``vocab_size``, else ``None``
+    (an embedding would fail on them, or a CUDA kernel fault)."""
+    if not ids.numel() or vocab_size is None:
+        return None
+    lo, hi = int(ids.min()), int(ids.max())
+    return None if 0 <= lo <= hi < vocab_size else f"[{lo}, {hi}]"
+
+
 def split_tokens(ids: torch.Tensor, calib_fraction: float = CALIB_FRACTION):
     """(evaluation ids, calibration ids, split point): calibration takes the tail, so they never overlap."""
     if not 0.0 < calib_fraction < 1.0:

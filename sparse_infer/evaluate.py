@@ -34,6 +34,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence
 
@@ -61,7 +62,7 @@ ROW_FIELDS = [
     "method", "allocation", "target", "mode", "batch_size", "protocol", "status",
     "sparsity", "bytes_rel", "ppl", "kl", "top1", "nll", "n_tokens", "seconds", "calib_seconds",
     "model", "model_type", "text_source", "text_sha256", "window", "n_windows", "calib_windows",
-    "seed", "device", "dtype", "backend", "targets", "version", "torch", "transformers", "platform",
+    "seed", "device", "threads", "cpu_capability", "dtype", "backend", "targets", "version", "torch", "transformers", "platform",
 ]
 
 
@@ -334,11 +335,10 @@ def _check_vocab(ids: torch.Tensor, model: nn.Module) -> None:
     """The token ids must index the model's embedding (the check `calibrate` makes on its data)."""
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab = getattr(emb, "num_embeddings", None)
-    if ids.numel() and vocab is not None and not 0 <= int(ids.min()) <= int(ids.max()) < vocab:
-        raise EvalError(
-            f"the tokenizer gives token ids in [{int(ids.min())}, {int(ids.max())}], but the model's vocabulary is "
-            f"[0, {vocab}): the tokenizer is not this model's; use the model's own tokenizer"
-        )
+    bad = textdata.outside_vocab(ids, vocab)
+    if bad:
+        raise EvalError(f"the tokenizer gives token ids in {bad}, but the model's vocabulary is [0, {vocab}): "
+                        "the tokenizer is not this model's; use the model's own tokenizer")
 
 
 def _load(model, tokenizer, dtype, device, progress: bool = True):
@@ -399,6 +399,14 @@ def _resolve_device(device: Optional[str]) -> str:
         raise EvalError(f"device {device!r} asked for, but this machine has {n} {dev.type} device{'s' * (n != 1)} "
                         f"(use {dev.type}:0{f' .. {dev.type}:{n - 1}' if n > 1 else ''})")
     return str(device)
+
+
+def _cpu_capability() -> Optional[str]:
+    """The SIMD level of torch's CPU kernels ("AVX512", "AVX2", ...): it sets their summation order."""
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+        return None
 
 
 def _versions() -> dict:
@@ -494,6 +502,13 @@ def evaluate(
         family = find_family(lm, s.targets)
     except ValueError as e:
         raise EvalError(str(e)) from None
+    context = getattr(getattr(lm, "config", None), "max_position_embeddings", None)
+    if _is_int(context) and 0 < context < s.window:  # positions past the trained context: perplexity of an untrained regime
+        msg = (f"--window {s.window} is longer than the model's context ({context} positions, "
+               f"config.max_position_embeddings): its perplexities measure positions the model was not trained on; "
+               f"use --window {context} or less")
+        warnings.warn(msg, stacklevel=2)
+        log(f"warning: {msg}")
     if sparse_modules(lm):
         raise EvalError("the model is already sparsified: evaluate the dense model (sparse_infer.unsparsify(model))")
     log(f"model {model_name} ({family.name}, {sum(p.numel() for p in lm.parameters()) / 1e6:.1f}M parameters) on {device}, "
@@ -531,6 +546,10 @@ def evaluate(
     base = {"model": model_name, "model_type": getattr(lm.config, "model_type", None), "text_source": text.source,
             "text_sha256": text.sha256, "window": s.window, "n_windows": len(wins), "calib_windows": len(calib),
             "seed": s.seed, "device": str(dev) + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""),
+            # CPU results depend on the thread count and the SIMD kernels torch picks (float32 summation
+            # order), so an exact rerun needs the same of both
+            "threads": torch.get_num_threads() if dev.type == "cpu" else None,
+            "cpu_capability": _cpu_capability() if dev.type == "cpu" else None,
             "dtype": str(dt).replace("torch.", ""), "backend": s.backend, "targets": s.targets, **_versions()}
 
     # the grid: (method, sparsity, mode, batch size); dense first, modes/batches only for sparse methods

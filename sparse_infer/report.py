@@ -89,7 +89,10 @@ def caption(rows: Sequence[dict]) -> str:
     counts = "; ".join(f"{n} scored per {p} row" if len(scored) > 1 else f"{n} scored per row"
                        for p, n in scored.items()) or "0 scored per row"
     decode = "; decode protocol: the second halves" if "decode" in scored else ""
-    return (f"{r['model']} ({r['dtype']}, {r['device']}), {r['targets']} linears, {r['n_windows']} windows of "
+    n, simd = r.get("threads"), r.get("cpu_capability")
+    # CPU rows: an exact rerun needs the same thread count and SIMD level (float32 summation order)
+    threads = (f" {simd}" if simd else "") + (f", {n} thread{'s' if n != 1 else ''}" if n else "")
+    return (f"{r['model']} ({r['dtype']}, {r['device']}{threads}), {r['targets']} linears, {r['n_windows']} windows of "
             f"{r['window']} tokens ({counts}{decode}), text sha256 "
             f"{str(r['text_sha256'])[:12]}, calibration {r['calib_windows']} held-out windows, seed {r['seed']}, "
             f"sparse-infer {r['version']}")

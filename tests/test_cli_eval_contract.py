@@ -5,6 +5,8 @@ switches are honoured, and the text is found and split the documented way."""
 import importlib
 import json
 import math
+import os
+import re
 
 import pytest
 import torch
@@ -202,9 +204,29 @@ def test_threads_option_sets_torch_threads(model_dir, text_file, tmp_path, capsy
         torch.set_num_threads(before)
 
 
+def test_threads_default_is_torchs_own(model_dir, text_file, tmp_path, capsys, monkeypatch):
+    # the default must not follow the machine's load: CPU numbers change with the thread count
+    # (float32 summation order), so a rerun gives the same table only with the same count
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 64.0, 64.0), raising=False)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        rc = main(["eval", "--model", model_dir, "--text-file", text_file, "--out", str(tmp_path), "-q", "--no-plot",
+                   "--methods", "dense", "--window", "32", "--windows", "1"])
+        out = capsys.readouterr().out
+        assert rc == 0
+        data = json.loads((tmp_path / "eval.json").read_text())
+        assert data["meta"]["threads"] == 2 and data["rows"][0]["threads"] == 2
+        assert re.search(r"cpu( [A-Z0-9_]+)?, 2 threads\)", out)  # the caption says it
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--threads", "0"], "--threads must be a positive integer or auto, got '0'"),
     (["calibrate", "--seq-len", "0"], "--seq-len must be a positive integer, got 0"),
+    (["calibrate", "--search-seconds", "0"], "--search-seconds must be a positive number of seconds (or inf), got 0.0"),
+    (["calibrate", "--search-seconds", "nan"], "--search-seconds must be a positive number of seconds (or inf), got nan"),
 ])
 def test_bad_sizes_exit_cleanly_before_loading(argv, message, tmp_path, capsys):
     rc = main([*argv, "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "out")])
@@ -246,13 +268,14 @@ def test_every_calibrate_flag_reaches_calibration(model_dir, text_file, tmp_path
         with pytest.raises(Stop):
             main(["calibrate", "--model", model_dir, "--text-file", text_file, "--method", "rsparse", "--mode", "shared",
                   "--targets", "all", "--allocation", "greedy", "--sparsity", "0.4", "--seed", "5", "--samples", "2",
-                  "--seq-len", "16", "--search-iterations", "3", "--quick", "--dtype", "bfloat16", "--no-progress",
-                  "--threads", "1", "--out", str(tmp_path / "c.safetensors")])
+                  "--seq-len", "16", "--search-iterations", "3", "--search-seconds", "inf", "--quick", "--dtype",
+                  "bfloat16", "--no-progress", "--threads", "1", "--out", str(tmp_path / "c.safetensors")])
     finally:
         torch.set_num_threads(before)
     c = seen["config"]
     assert (c.method, c.mode, c.targets, c.allocation, c.sparsity, c.seed) == ("rsparse", "shared", "all", "greedy", 0.4, 5)
     assert (seen["iterations"], seen["quick"], seen["progress"], seen["dtype"]) == (3, True, False, torch.bfloat16)
+    assert seen["time_budget_s"] == float("inf")  # bounded by candidates only: the same file on any machine
     assert [len(w) for w in seen["data"]] == [16, 16]
 
 
@@ -351,3 +374,20 @@ def test_load_model_dtype_pad_token_and_quiet_loading(tmp_path):
         hf_logging.set_verbosity(verbosity)
     assert next(lm.parameters()).dtype == torch.bfloat16 and not lm.training
     assert tok2.pad_token == tok2.eos_token == "!"
+
+
+def test_window_past_the_context_warns(text_file, tmp_path):
+    # the tiny model's context is 256 positions: a 300-token window scores positions it was never trained on
+    model = tiny_model("llama", vocab_size=256)
+    assert model.config.max_position_embeddings == 256
+    lines = []
+    with pytest.warns(UserWarning, match=r"--window 300 is longer than the model's context \(256 positions"):
+        evaluate(model, tokenizer=byte_tokenizer(), text_file=text_file, methods=["dense"], window=300, windows=1,
+                 progress=False, log=lines.append)
+    assert any("use --window 256 or less" in line for line in lines)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # within the context: silent
+        evaluate(model, tokenizer=byte_tokenizer(), text_file=text_file, methods=["dense"], window=256, windows=1,
+                 progress=False)

@@ -329,3 +329,17 @@ def test_rows_say_how_many_rank_aware_layers_carry_a_factor():
     si.unsparsify(model)
     si.sparsify(model, si.SparsityConfig(method="topk", sparsity=0.5), progress=False)
     assert lowrank_layers(model) is None
+
+
+@pytest.mark.parametrize("method", ["threshold", "rsparse"])
+def test_a_method_row_does_not_depend_on_the_other_methods(grid, text_file, method):
+    """threshold and rsparse share one dense statistics pass in a grid (and the SVDs cached with it):
+    a grid of one method must give that method's rows of the full grid, number for number."""
+    alone = run(text_file, methods=("dense", method), sparsities=(0.3, 0.5, 0.7), protocols=("all", "decode"))
+    key = lambda r: (r["method"], r["target"], r["protocol"])  # noqa: E731
+    full = {key(r): r for r in grid if r["method"] == method}
+    mine = {key(r): r for r in alone if r["method"] == method}
+    assert mine.keys() == full.keys() and len(mine) == 6
+    for k, r in mine.items():
+        for field in ("sparsity", "bytes_rel", "ppl", "kl", "top1", "lowrank_layers"):
+            assert r.get(field) == full[k].get(field), (k, field, r.get(field), full[k].get(field))

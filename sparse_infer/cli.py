@@ -200,8 +200,8 @@ def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--search-iterations", type=int, default=None, help="candidates of the allocation search (default 16)")
     g.add_argument("--search-seconds", type=float, default=None,
                    help="time bound of the allocation search (default 300; --quick 20). A search stopped by time "
-                        "depends on the machine's speed: 'inf' bounds it by --search-iterations only, so a rerun "
-                        "elsewhere gives the same file")
+                        "depends on the machine's speed: 'inf' bounds it by --search-iterations only, so the file "
+                        "does not")
     g.add_argument("--seed", type=int, default=0)
     g = p.add_argument_group("data and output")
     g.add_argument("--samples", type=int, default=16, help="calibration windows (default 16)")

@@ -283,8 +283,6 @@ def measured_sparsity(model: nn.Module) -> float:
     return model_sparsity(model, measured=True)
 
 
-
-
 class _dense_calls:
     """Within the block every sparse module runs dense (the prefill of the decode protocol) and records nothing."""
 

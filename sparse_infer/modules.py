@@ -228,7 +228,10 @@ class _GatedBase(nn.Module):
             self.stats_active += float(mask.sum())
 
     def _gate_repr(self) -> str:
-        g = f"k={self.k}" if self.k is not None else f"threshold={'per-channel' if self.threshold.dim() else float(self.threshold):}"
+        if self.k is not None:
+            g = f"k={self.k}"
+        else:
+            g = "threshold=per-channel" if self.threshold.dim() else f"threshold={float(self.threshold):.4g}"
         extra = ", shared" if self.shared else ""
         extra += ", importance" if self.scale is not None else ""
         return f"{g}{extra}, backend={self.backend}"

@@ -13,7 +13,7 @@ from sparse_infer.calibrate import (
     CalibrationStats, chan_quantiles, collect_stats, calibrate, default_calibration_data, hist_quantile, _hist, _log_abs,
 )
 from sparse_infer.models import tiny_model
-from conftest import dense_after, nearly_lowrank_model, run_with_stats, token_ids
+from conftest import ByteTokenizer, dense_after, nearly_lowrank_model, run_with_stats, short_text, token_ids
 from sparse_infer.modules import SparseGatedMLP
 
 
@@ -318,3 +318,21 @@ def test_rank_at_reads_the_grid_point_of_a_sparsity():
                            err=torch.zeros(allocate.FINE, dtype=torch.float64), rank=torch.arange(allocate.FINE),
                            group="mlp", depth=0.0)
     assert [curve.rank_at(s) for s in (0.0, 0.29, 0.5, 0.505, 0.58, 0.99)] == [0, 29, 50, 51, 58, 99]
+
+
+def test_calibrate_without_data_reads_the_calibration_tail_of_the_default_text(tmp_path, monkeypatch):
+    model = tiny_model("llama")
+    cfg = SparsityConfig(method="threshold", sparsity=0.5)
+    with pytest.raises(ValueError, match="calibration data is None: pass token-id tensors, or tokenizer="):
+        calibrate(model, None, cfg, progress=False, quick=True)
+    text = tmp_path / "corpus.txt"
+    text.write_text(short_text(2000), encoding="utf-8")  # ASCII: byte ids inside the tiny vocabulary
+    monkeypatch.setenv("SPARSE_INFER_TEXT", str(text))
+    cal = calibrate(model, None, cfg, tokenizer=ByteTokenizer(), progress=False, quick=True, num_samples=2, seq_len=64)
+    split = cal.meta["calibration"]["split"]
+    n = len(text.read_text(encoding="utf-8"))
+    assert split["total_tokens"] == n and split["num_samples"] == 2 and split["seq_len"] == 64
+    cut = split["eval_token_range"][1]
+    assert cut == split["calib_token_range"][0] and abs(cut - 0.8 * n) <= 1  # evaluation never reads past the cut
+    assert split["calib_token_range"][1] == cut + 2 * 64
+    assert cal.layers and all(layer["threshold"] is not None for layer in cal.layers.values())

@@ -224,3 +224,16 @@ def test_calibrate_defaults_and_seed(model_dir, text_file, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["config"]["allocation"] == "uniform" and saved["config"]["seed"] == 3
+
+
+def test_threads_option_values(monkeypatch):
+    from sparse_infer import cli
+
+    assert cli._threads(None) is None and cli._threads("3") == 3
+    for bad in ("0", "-2", "two", "1.5"):
+        with pytest.raises(cli.CliError, match=f"--threads must be a positive integer or auto, got '{bad}'"):
+            cli._threads(bad)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 8)
+    for load, want in ((0.2, 8), (3.4, 5), (7.9, 1), (40.0, 1)):  # the cores the load average leaves idle, at least one
+        monkeypatch.setattr(cli.os, "getloadavg", lambda load=load: (load, load, load))
+        assert cli._threads("auto") == want

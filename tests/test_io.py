@@ -171,3 +171,50 @@ def test_single_file_form(model, tmp_path):
         si.load_sparsity(model, tmp_path / "s.safetensors")
         with torch.no_grad():
             assert torch.equal(model(IDS).logits, ref)
+
+
+def _edit(path, tmp_path, change):
+    """A copy of the saved files at ``path`` with ``change(doc)`` applied to its JSON (not hashed: only
+    the tensors file carries a SHA-256, so these edits reach the per-field checks)."""
+    import shutil
+
+    bad = tmp_path / "edited"
+    shutil.copytree(path, bad)
+    doc = json.loads((bad / "sparsity.json").read_text())
+    change(doc)
+    (bad / "sparsity.json").write_text(json.dumps(doc))
+    return bad
+
+
+def _first_layer(doc):
+    return next(iter(doc["layers"]))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d["layers"].update({_first_layer(d): 3}), r"is corrupted: the entry of layer .* is 3, not a dict"),
+    (lambda d: d["layers"][_first_layer(d)].update(sparsity="half"),
+     r"is corrupted: the sparsity of layer .* is 'half', not a number"),
+    (lambda d: d["layers"][_first_layer(d)].update(fingerprint="x"),
+     r"is corrupted: the fingerprint of .* is 'x', not a number"),
+    (lambda d: d["config"].update(method="magic"), r"its config is invalid \(unknown method 'magic'.*save the sparsity file again"),
+    (lambda d: d.pop("layers"), r"its 'layers' entry is missing"),
+])
+def test_edited_json_is_refused_by_load_and_sparsify(model, saved, tmp_path, change, match):
+    cfg, _logits, path, _hints = saved["rsparse-search"]
+    bad = _edit(path, tmp_path, change)
+    with pytest.raises(ValueError, match=match):
+        si.load_sparsity(model, bad)
+    _untouched(model)
+    with pytest.raises(ValueError, match=match):
+        si.sparsify(model, cfg, calibration=bad, progress=False)
+    _untouched(model)
+
+
+def test_loading_into_a_model_patched_on_other_layers_is_refused(model, saved):
+    _cfg, _logits, path, _hints = saved["rsparse-search"]  # targets "all"
+    with dense_after(model):
+        si.sparsify(model, SparsityConfig(method="rsparse", sparsity=0.5, targets="mlp"), progress=False)
+        before = {n: (m.k, m.rank) for n, m in si.sparse_modules(model).items()}
+        with pytest.raises(ValueError, match="sparsified on other layers than .*; unsparsify it first"):
+            si.load_sparsity(model, path)
+        assert {n: (m.k, m.rank) for n, m in si.sparse_modules(model).items()} == before

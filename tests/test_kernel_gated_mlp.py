@@ -7,6 +7,7 @@ spread over cases rather than a full product to keep the file under ~90 s.
 
 import itertools
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -322,3 +323,26 @@ def test_errors():
         gated_mlp(x, wg, wu, wd, "silu", Gate(k=5, scale=torch.ones(3, device=DEVICE)))
     with pytest.raises(ValueError, match="down_bias"):
         gated_mlp(x, wg, wu, wd, "silu", Gate(k=5), None, None, torch.zeros(3, device=DEVICE))
+    with pytest.raises(ValueError, match="at least one dimension"):
+        gated_mlp(x[0, 0], wg, wu, wd, "silu", Gate(k=5))
+    with pytest.raises(ValueError, match="up_weight must be a 2-D tensor"):
+        gated_mlp(x, wg, wu[0], wd, "silu", Gate(k=5))
+    with pytest.raises(ValueError, match="exactly one of k or threshold"):  # an object Gate itself would refuse
+        gated_mlp(x, wg, wu, wd, "silu", SimpleNamespace(k=5, threshold=0.1, scale=None))
+    with pytest.raises(ValueError, match="exactly one of k or threshold"):
+        gated_mlp(x, wg, wu, wd, "silu", None)
+    with pytest.raises(TypeError, match="gate.k must be an int, got Tensor"):
+        gated_mlp(x, wg, wu, wd, "silu", Gate(k=torch.tensor(5)))
+    with pytest.raises(TypeError, match="threshold must be a float or a tensor, got str"):
+        gated_mlp(x, wg, wu, wd, "silu", Gate(threshold="0.1"))
+    with pytest.raises(ValueError, match="gate_bias has shape"):
+        gated_mlp(x, wg, wu, wd, "silu", Gate(k=5), torch.zeros(3, device=DEVICE))
+    with pytest.raises(TypeError, match="up_bias.dtype=torch.float16 differs"):
+        gated_mlp(x, wg, wu, wd, "silu", Gate(k=5), None, torch.zeros(101, device=DEVICE, dtype=torch.float16))
+    meta = torch.empty_like(wu, device="meta")  # another device than x: refused before any launch
+    with pytest.raises(ValueError, match="up_weight is on meta"):
+        gated_mlp(x, wg, meta, wd, "silu", Gate(k=5))
+    with pytest.raises(ValueError, match="gate.scale is on meta"):
+        gated_mlp(x, wg, wu, wd, "silu", Gate(k=5, scale=torch.ones(101, device="meta")))
+    with pytest.raises(ValueError, match="threshold is on meta"):
+        gated_mlp(x, wg, wu, wd, "silu", Gate(threshold=torch.zeros(101, device="meta")))

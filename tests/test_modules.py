@@ -241,3 +241,38 @@ def test_thresholds_and_scales_stay_float32_through_dtype_casts(linear, dtype):
     assert m.threshold.dtype == m.scale.dtype == torch.float32 and torch.equal(m.threshold, t) and torch.equal(m.scale, s)
     m.to("meta")
     assert m.threshold.is_meta and m.scale.is_meta and m.threshold.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kw, expect", [
+    (dict(k=3), "in_features=8, out_features=5, bias=True, k=3, backend=reference"),
+    (dict(threshold=0.123456), "threshold=0.1235, backend=reference"),
+    (dict(threshold=torch.full((8,), 0.5), shared=True), "threshold=per-channel, shared, backend=reference"),
+    (dict(k=2, importance=True), "k=2, importance, backend=reference"),
+])
+def test_repr_names_the_gate(kw, expect):
+    m = SparseLinear(nn.Linear(8, 5), backend="reference", **kw)
+    assert expect in repr(m)
+
+
+def test_repr_of_rank_aware_and_gated_mlp():
+    r = RSparseLinear(nn.Linear(8, 5), k=3, rank=2, backend="reference")
+    assert repr(r).endswith("k=3, importance, backend=reference, rank=2)")
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate_proj, self.up_proj, self.down_proj = nn.Linear(8, 12), nn.Linear(8, 12), nn.Linear(12, 8)
+            self.act_fn = nn.SiLU()
+
+    g = SparseGatedMLP(MLP(), k=6, backend="reference")
+    assert "hidden=8, intermediate=12, act=silu, k=6, backend=reference" in repr(g)
+
+def test_module_constructors_refuse_bad_gates():
+    with pytest.raises(ValueError, match="exactly one of k"):
+        SparseLinear(nn.Linear(8, 5), k=2, threshold=0.1)
+    with pytest.raises(ValueError, match="backend=.cuda. is not one of"):
+        SparseLinear(nn.Linear(8, 5), k=2, backend="cuda")
+    with pytest.raises(ValueError, match="per-channel threshold needs 8 values, got 5"):
+        SparseLinear(nn.Linear(8, 5), threshold=torch.ones(5))
+    with pytest.raises(TypeError, match="SparseLinear replaces nn.Linear, got Conv1d"):
+        SparseLinear(nn.Conv1d(8, 5, 1), k=2)

@@ -155,6 +155,15 @@ def test_unsupported_model_names_class_and_families():
         ({"method": "gate", "sparsity": 2 / 3}, "at most 66.7%"),
         ({"dense_prefill_above": 0}, "dense_prefill_above must be None or a positive token count"),
         ({"dense_prefill_above": True}, "dense_prefill_above must be None or a positive token count"),
+        ({"allocation": "optimal"}, "unknown allocation 'optimal'; expected one of"),
+        ({"backend": "cuda"}, "unknown backend 'cuda'; expected one of"),
+        ({"mode": "batch"}, "unknown mode 'batch'; expected one of"),
+        ({"lowrank": "pca"}, "unknown lowrank 'pca'; expected one of"),
+        ({"overrides": [("*", {"sparsity": 0.5})]}, "overrides must be a dict"),
+        ({"overrides": {"*": 0.5}}, r"overrides\['\*'\] must be a dict"),
+        ({"overrides": {"*": {"density": 0.5}}}, r"unknown keys \['density'\]; allowed: 'sparsity', 'rank'"),
+        ({"overrides": {"*": {"sparsity": 1.5}}}, r"overrides\['\*'\]: sparsity must lie in \[0, 1\)"),
+        ({"version": 2}, "config version 2 is not supported"),
     ],
 )
 def test_bad_config_is_rejected(kwargs, match):

@@ -73,11 +73,12 @@ def load_text(path: Optional[str] = None) -> Text:
         text = "\r\n".join(r for r in ds["text"] if r.strip())
         return Text(text, "datasets:wikitext/wikitext-2-raw-v1/test", hashlib.sha256(text.encode("utf-8")).hexdigest())
     except Exception as e:  # no datasets package, or no hub
+        why = ("the datasets library, the last fallback, is not installed" if isinstance(e, ImportError)
+               else f"the datasets library, the last fallback, could not load it ({type(e).__name__}: {e})")
         raise FileNotFoundError(
             "no evaluation text found. Give one with --text-file PATH (Python: text_file=...), or set "
             f"{ENV_VAR}=PATH, or place WikiText-2 raw test at {(Path.cwd() / SHARED_REL).resolve()}; tried: "
-            + ", ".join(str(p) for p in tried)
-            + f"; the datasets library fallback failed too ({type(e).__name__})"
+            + ", ".join(str(p) for p in tried) + f"; {why}"
         ) from None
 
 

@@ -212,3 +212,41 @@ def test_eval_bar_total_leaves_out_na_rows(text_file, monkeypatch):
                     progress=True)
     assert [r["status"].startswith("n/a") for r in rows] == [False, True]
     assert bars == [(4, 4)]
+
+
+def test_evaluate_refuses_a_sparsified_model_object_and_bad_batch_sizes(text_file):
+    import sparse_infer as si
+
+    model = si.sparsify(tiny_model("llama", vocab_size=256), si.SparsityConfig(method="topk", sparsity=0.5))
+    before = {n: m.k for n, m in si.sparse_modules(model).items()}
+    with pytest.raises(EvalError, match=r"already sparsified: evaluate the dense model \(sparse_infer.unsparsify\(model\)\)"):
+        evaluate(model=model, tokenizer=ByteTokenizer(), text_file=text_file, quick=True, progress=False)
+    assert {n: m.k for n, m in si.sparse_modules(model).items()} == before  # left as it was
+    for sizes in ((0,), (4, -1)):
+        with pytest.raises(EvalError, match="batch sizes must be positive integers"):
+            EvalSettings(modes=("per_token", "shared"), batch_sizes=sizes)
+
+
+def test_no_text_anywhere_says_how_to_give_one(tmp_path, monkeypatch):
+    """Neither a file, nor the variable, nor the shared copy, nor the datasets library: one error that lists
+    the ways to give the text and every path it tried."""
+    import sys
+
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    missing = [tmp_path / "a" / "wikitext.txt", tmp_path / "b" / "wikitext.txt"]
+    monkeypatch.setattr(data, "candidate_paths", lambda path=None: missing)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    with pytest.raises(FileNotFoundError, match=r"no evaluation text found\. Give one with --text-file PATH") as e:
+        data.load_text()
+    msg = str(e.value)
+    assert f"set {data.ENV_VAR}=PATH" in msg and all(str(p) in msg for p in missing)
+    assert msg.endswith("; the datasets library, the last fallback, is not installed")
+    offline = type(sys)("datasets")
+
+    def load_dataset(*args, **kwargs):
+        raise ConnectionError("the hub cannot be reached")
+
+    offline.load_dataset = load_dataset
+    monkeypatch.setitem(sys.modules, "datasets", offline)
+    with pytest.raises(FileNotFoundError, match=r"could not load it \(ConnectionError: the hub cannot be reached\)$"):
+        data.load_text()

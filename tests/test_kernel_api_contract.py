@@ -109,3 +109,24 @@ def test_shared_masks_of_no_tokens_agree(shape):
         assert torch.equal(K.topk_mask(x, k, shared=True), ref.shared_topk_mask(x, k)), k
     for t in (-1.0, 0.5):
         assert torch.equal(K.threshold_mask(x, t, shared=True), ref.shared_threshold_mask(x, t)), t
+
+
+def test_public_kernels_refuse_inputs_they_cannot_serve():
+    """Each public kernel names the argument it refuses (a researcher calls these directly)."""
+    x, w = _randn(2, 64), _randn(32, 64, seed=1)
+    A, B = _randn(64, 4, seed=2), _randn(4, 32, seed=3)
+    gate = Gate(k=8)
+    cases = [
+        (lambda: K.sparse_linear(x.tolist(), w, None, gate), TypeError, "x and weight must be torch.Tensors"),
+        (lambda: K.sparse_linear(x.double(), w.double(), None, gate), TypeError, "serve float16/bfloat16/float32, got x.dtype=torch.float64"),
+        (lambda: K.sparse_linear(x, w[0], None, gate), ValueError, r"weight must be 2-D \(out_features, in_features\), got shape \(64,\)"),
+        (lambda: K.rsparse_linear(x, w, None, A.numpy(), B, gate), TypeError, "A and B must be torch.Tensors"),
+        (lambda: K.rsparse_linear(x, w, None, A.to("meta"), B, gate), ValueError, r"A \(meta\) and B \(.*\) must be on x's device"),
+        (lambda: K.topk_gate(x.tolist(), 8), TypeError, "x must be a torch.Tensor, got list"),
+        (lambda: K.threshold_gate(x.to(torch.int32), 0.5), TypeError, "gating kernels serve float16/bfloat16/float32 activations, got torch.int32"),
+        (lambda: K.topk_gate(x, 8, scale=torch.ones(64, device="meta")), ValueError, "scale is on meta"),
+        (lambda: K.to_kernel_layout(w[0]), ValueError, r"weight must be 2-D \(out, in\), got shape \(64,\)"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()

@@ -26,8 +26,8 @@ error at every rank at once.
 * `search` (R-Sparse): candidates scored by the KL divergence of the output
   logits against the dense model on calibration windows, each meeting the
   budget exactly: uniform, greedy, greedy weighted by the sensitivities
-  (``w_l = (KL_l / err_l) ** p`` for p in `SENSITIVITY_POWERS`), then an
-  evolutionary (1+1) search over a few shape parameters of the allocation (a
+  (``w_l = (KL_l / err_l) ** p`` for p in `SENSITIVITY_POWERS`), then a
+  (1+1) evolution strategy over a few shape parameters of the allocation (a
   sparsity offset per projection type, a tilt with depth, a scale on the
   rsparse ranks the error table picks).  The returned allocation has a
   calibration KL no higher than any earlier candidate; seeded, bounded by
@@ -542,11 +542,19 @@ def search(model: nn.Module, stats, curves: List[Curve], config: SparsityConfig,
                 break
             a = greedy(curves, target, weights=sensitivity_weights(curves, sens, power))
             kl_sensitivity[power] = consider(a, f"sensitivity p={power}")[0]
+    # (1+1) evolution from the uniform shape: a step replaces its parent when it beats the parent, and
+    # becomes the result when it beats every candidate so far.  (Until stop 26 a step had to beat the
+    # best candidate to become the parent, so after a greedy won, steps that improved on their own
+    # parent were thrown away and the evolution stood still.)
+    theta_parent, parent_loss = torch.zeros(dims), kl_uniform
     step = 1.0
     while has_room():
-        theta = best_theta + step * scales * torch.randn(dims, generator=gen)
-        if consider(decode(theta), f"es{done}")[1]:
+        theta = theta_parent + step * scales * torch.randn(dims, generator=gen)
+        loss, improved = consider(decode(theta), f"es{done}")
+        if improved:
             best_theta = theta
+        if loss < parent_loss:
+            theta_parent, parent_loss = theta, loss
             step = min(2.0, step * 1.5)
         else:
             step = max(0.2, step * 0.85)

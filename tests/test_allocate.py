@@ -278,6 +278,26 @@ def test_search_seed_changes_the_candidates_and_repeats_them(model, searched):
     assert es_losses(2) != one
 
 
+def test_search_follows_the_loss_to_a_better_shape(model, searched, monkeypatch):
+    """With a loss whose minimum is a known shape (down_proj 15 points below the budget, gate/up above it:
+    the opposite of what greedy picks on this model), the evolution steps beat uniform, greedy and the
+    sensitivity candidates, and move toward that shape."""
+    cfg, stats, curves = searched
+    want = {"down_proj": cfg.sparsity - 0.15, "gate_proj": cfg.sparsity + 0.075, "up_proj": cfg.sparsity + 0.075}
+
+    def shape_loss(model, stats, cal, config):
+        if cal is None:  # the sensitivity pass: any constant
+            return 1.0
+        return sum((e["sparsity"] - want[n.rsplit(".", 1)[-1]]) ** 2 for n, e in cal.layers.items()) / len(cal.layers)
+
+    monkeypatch.setattr(allocate, "_kl_loss", shape_loss)
+    alloc, info = allocate.search(model, stats, curves, cfg, iterations=30, progress=False)
+    assert info["best"].startswith("es")
+    assert info["kl_best"] < 0.5 * min(info["kl_uniform"], info["kl_greedy"], *info["kl_sensitivity"].values())
+    assert info["offsets"]["down_proj"] < info["offsets"]["gate_proj"] and info["offsets"]["down_proj"] < info["offsets"]["up_proj"]
+    assert allocate.allocation_sparsity(curves, alloc) == pytest.approx(cfg.sparsity, abs=1e-9)
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_search_time_budget_zero_scores_only_uniform(model, quick):
     cfg = SparsityConfig(method="topk", sparsity=0.5, targets="mlp", allocation="search")

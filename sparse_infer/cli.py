@@ -213,8 +213,6 @@ def _add_calibrate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    import torch
-
     import sparse_infer as si
 
     from .calibrate import default_calibration_data

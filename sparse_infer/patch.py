@@ -25,7 +25,6 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from . import ops
-from . import reference as ref
 from .config import TARGETS, SparsityConfig
 from .modules import BatchContext, RSparseLinear, SparseGatedMLP, SparseLinear, k_for_density
 
